@@ -1,0 +1,139 @@
+"""Packet parsing/building checked against scapy, plus a fuzz invariant."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scapy.layers.inet import IP, TCP
+from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment
+
+from synproxy import packet as P
+
+V4 = (P.addr_bytes("198.18.0.1"), P.addr_bytes("198.18.1.2"))
+V6 = (P.addr_bytes("fd53:5059::1"), P.addr_bytes("fd53:5059:1::2"))
+
+
+def _scapy(family: int, **tcp: object) -> bytes:
+    ip = IP(src="198.18.0.1", dst="198.18.1.2") if family == 4 else IPv6(src="fd53:5059::1", dst="fd53:5059:1::2")
+    payload = tcp.pop("load", b"")
+    return bytes(ip / TCP(**tcp) / payload)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_parse_syn_with_all_options(family: int) -> None:
+    raw = _scapy(
+        family,
+        sport=40000,
+        dport=80,
+        seq=123456789,
+        flags="S",
+        window=64240,
+        options=[("MSS", 1460), ("SAckOK", b""), ("Timestamp", (111, 0)), ("NOP", None), ("WScale", 7), (253, b"\x01\x02")],
+    )
+    pkt = P.parse(raw)
+    assert (pkt.family, pkt.sport, pkt.dport, pkt.seq, pkt.flags, pkt.window) == (family, 40000, 80, 123456789, P.SYN, 64240)
+    assert pkt.options.mss == 1460 and pkt.options.wscale == 7 and pkt.options.sack_ok
+    assert pkt.options.ts == (111, 0)
+    assert pkt.options.unknown == ((253, b"\x01\x02"),)
+    assert pkt.payload_len == 0 and P.checksum_ok(pkt)
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_build_matches_scapy_checksums(family: int) -> None:
+    src, dst = V4 if family == 4 else V6
+    opts = P.TcpOptions(mss=1400, wscale=9, sack_ok=True, ts=(5, 6), sack=((100, 200), (300, 400)))
+    raw = P.build(family, src, dst, 80, 40000, 1, 2, P.SYN | P.ACK, 1000, opts, b"hello")
+    sc = (IP if family == 4 else IPv6)(raw)
+    tcp = sc[TCP]
+    want = tcp.chksum
+    del tcp.chksum
+    if family == 4:
+        want_ip = sc.chksum
+        del sc.chksum
+    rebuilt = sc.__class__(bytes(sc))
+    assert rebuilt[TCP].chksum == want
+    if family == 4:
+        assert rebuilt.chksum == want_ip
+    assert bytes(tcp.payload) == b"hello"
+    d = dict((k, v) for k, v in tcp.options)
+    assert d["MSS"] == 1400 and d["WScale"] == 9 and d["Timestamp"] == (5, 6) and "SAckOK" in d
+    assert d["SAck"] == (100, 200, 300, 400)
+    back = P.parse(raw)
+    assert back.options.sack == ((100, 200), (300, 400)) and back.payload == b"hello"
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_rewrite_keeps_checksum_valid(family: int) -> None:
+    raw = _scapy(
+        family, sport=80, dport=40000, seq=10, ack=20, flags="A", window=500,
+        options=[("NOP", None), ("NOP", None), ("Timestamp", (1, 2)), ("NOP", None), ("NOP", None), ("SAck", (30, 40))],
+        load=b"x" * 1001,
+    )
+    pkt = P.parse(raw)
+    out = P.parse(P.rewrite(pkt, seq=0xFFFFFFF0, ack=7, window=65535, tsval=0xDEADBEEF, tsecr=3, sack_delta=-50))
+    assert (out.seq, out.ack, out.window, out.options.ts) == (0xFFFFFFF0, 7, 65535, (0xDEADBEEF, 3))
+    assert out.options.sack == (((30 - 50) & 0xFFFFFFFF, (40 - 50) & 0xFFFFFFFF),)
+    assert P.checksum_ok(out)
+    assert out.payload == b"x" * 1001
+
+
+def test_rewrite_keeps_a_corrupt_segment_corrupt() -> None:
+    raw = bytearray(_scapy(4, sport=80, dport=1, seq=1, ack=1, flags="A", load=b"abcdef"))
+    raw[-1] ^= 0x01  # flipped on the wire
+    out = P.parse(P.rewrite(P.parse(bytes(raw)), seq=999, ack=5))
+    assert not P.checksum_ok(out)
+
+
+def test_rewrite_unaligned_timestamp_option() -> None:
+    # MSS, NOP, TS: TSval starts at an odd offset inside the TCP header.
+    raw = _scapy(4, sport=80, dport=1, flags="A", options=[("NOP", None), ("Timestamp", (1, 2)), ("NOP", None)])
+    pkt = P.parse(raw)
+    assert (pkt.ts_offset - pkt.tcp_offset) % 2 == 1
+    out = P.parse(P.rewrite(pkt, tsval=0x01020304, tsecr=0xA0B0C0D0))
+    assert out.options.ts == (0x01020304, 0xA0B0C0D0) and P.checksum_ok(out)
+
+
+def test_ipv6_extension_headers_and_fragments() -> None:
+    raw = bytes(IPv6(src="fd53:5059::1", dst="fd53:5059::2") / IPv6ExtHdrDestOpt() / TCP(sport=1, dport=2, flags="S"))
+    pkt = P.parse(raw)
+    assert pkt.dport == 2 and pkt.tcp_offset == 48
+    frag = bytes(IPv6(src="fd53:5059::1", dst="fd53:5059::2") / IPv6ExtHdrFragment() / TCP(sport=1, dport=2))
+    with pytest.raises(P.PacketError) as err:
+        P.parse(frag)
+    assert err.value.reason == "fragment"
+
+
+@pytest.mark.parametrize(
+    "raw,reason",
+    [
+        (b"", "short"),
+        (b"\x45" + bytes(10), "short"),
+        (bytes(IP(dst="198.18.0.1", frag=3) / TCP()), "fragment"),
+        (bytes(IP(dst="198.18.0.1") / TCP())[:30], "truncated"),
+        (bytes(IP(dst="198.18.0.1", proto=17) / (b"x" * 30)), "not_tcp"),
+        (b"\x75" + bytes(40), "bad_ip_version"),
+    ],
+)
+def test_malformed(raw: bytes, reason: str) -> None:
+    with pytest.raises(P.PacketError) as err:
+        P.parse(raw)
+    assert err.value.reason == reason
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.binary(max_size=120), st.integers(0, 2))
+def test_fuzz_parse_raises_only_packet_error(data: bytes, prefix: int) -> None:
+    """Any input either parses or raises the one PacketError."""
+    base = [b"", bytes(IP(src="1.2.3.4", dst="5.6.7.8") / TCP()), bytes(IPv6() / TCP())][prefix]
+    buf = bytearray(base + data)
+    if base and data:  # mutate a few header bytes too
+        rnd = random.Random(len(data))
+        for _ in range(3):
+            buf[rnd.randrange(len(buf))] = rnd.randrange(256)
+    try:
+        P.parse(bytes(buf))
+    except P.PacketError:
+        pass
