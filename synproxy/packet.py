@@ -50,6 +50,8 @@ _pack_u32 = struct.Struct("!I").pack_into
 _pack_u16 = struct.Struct("!H").pack_into
 _unpack_u32 = struct.Struct("!I").unpack_from
 _unpack_ts = struct.Struct("!II").unpack_from
+_pack_proto_len4 = struct.Struct("!xBH").pack
+_pack_len6 = struct.Struct("!IxxxB").pack
 
 
 class PacketError(ValueError):
@@ -218,32 +220,39 @@ def _parse_options(pkt: Packet) -> None:
         opts.unknown = tuple(unknown)
 
 
+_pack_mss = struct.Struct("!BBH").pack
+_pack_ts = struct.Struct("!BBBBII").pack  # two bytes of NOPs or SACK-permitted, then TS
+_pack_ws = struct.Struct("!BBBB").pack
+_pack_sack_block = struct.Struct("!II").pack
+_SACK_PERM_ALIGNED = bytes((OPT_NOP, OPT_NOP, OPT_SACK_PERM, 2))
+
+
 def encode_options(opts: TcpOptions) -> bytes:
     """Encode options in the order and alignment Linux uses, padded to 4 bytes."""
-    out = bytearray()
+    parts: list[bytes] = []
     if opts.mss is not None:
-        out += struct.pack("!BBH", OPT_MSS, 4, opts.mss)
+        parts.append(_pack_mss(OPT_MSS, 4, opts.mss))
     if opts.ts is not None:
         if opts.sack_ok:
-            out += bytes((OPT_SACK_PERM, 2))
+            parts.append(_pack_ts(OPT_SACK_PERM, 2, OPT_TIMESTAMP, 10, opts.ts[0] & _U32, opts.ts[1] & _U32))
         else:
-            out += bytes((OPT_NOP, OPT_NOP))
-        out += struct.pack("!BBII", OPT_TIMESTAMP, 10, opts.ts[0] & _U32, opts.ts[1] & _U32)
+            parts.append(_pack_ts(OPT_NOP, OPT_NOP, OPT_TIMESTAMP, 10, opts.ts[0] & _U32, opts.ts[1] & _U32))
     elif opts.sack_ok:
-        out += bytes((OPT_NOP, OPT_NOP, OPT_SACK_PERM, 2))
+        parts.append(_SACK_PERM_ALIGNED)
     if opts.wscale is not None:
-        out += bytes((OPT_NOP, OPT_WSCALE, 3, opts.wscale))
+        parts.append(_pack_ws(OPT_NOP, OPT_WSCALE, 3, opts.wscale))
     if opts.sack:
-        out += bytes((OPT_NOP, OPT_NOP, OPT_SACK, 2 + 8 * len(opts.sack)))
+        parts.append(bytes((OPT_NOP, OPT_NOP, OPT_SACK, 2 + 8 * len(opts.sack))))
         for left, right in opts.sack:
-            out += struct.pack("!II", left & _U32, right & _U32)
+            parts.append(_pack_sack_block(left & _U32, right & _U32))
     for kind, value in opts.unknown:
-        out += bytes((kind, 2 + len(value))) + value
+        parts.append(bytes((kind, 2 + len(value))) + value)
+    out = b"".join(parts)
     if len(out) % 4:
         out += bytes(4 - len(out) % 4)  # EOL padding
     if len(out) > 40:
         raise PacketError("options_too_long", f"{len(out)} bytes")
-    return bytes(out)
+    return out
 
 
 def _ones_sum(data: bytes | bytearray | memoryview) -> int:
@@ -299,17 +308,25 @@ def build(
     """Build a complete IPv4 or IPv6 packet with correct checksums."""
     opt = encode_options(options) if isinstance(options, TcpOptions) else (options or b"")
     thl = 20 + len(opt)
-    tcp = bytearray(
-        _pack_tcp(sport, dport, seq & _U32, ack & _U32, (thl // 4) << 4, flags, window, 0, 0)
-    )
-    tcp += opt
-    tcp += payload
-    _pack_u16(tcp, 16, tcp_checksum(family, src, dst, tcp))
+    tcp_len = thl + len(payload)
+    seq &= _U32
+    ack &= _U32
+    offset = (thl // 4) << 4
+    # The pseudo-header and a zero-checksum header are summed with the rest in one go.
     if family == 4:
-        hdr = bytearray(_pack_ipv4(0x45, 0, 20 + len(tcp), 0, 0x4000, ttl, PROTO_TCP, 0, src, dst))
-        _pack_u16(hdr, 10, ipv4_checksum(hdr))
-        return bytes(hdr + tcp)
-    return _pack_ipv6(6 << 28, len(tcp), PROTO_TCP, ttl, src, dst) + bytes(tcp)
+        pseudo = src + dst + _pack_proto_len4(PROTO_TCP, tcp_len)
+    else:
+        pseudo = src + dst + _pack_len6(tcp_len, PROTO_TCP)
+    body = pseudo + _pack_tcp(sport, dport, seq, ack, offset, flags, window, 0, 0) + opt + payload
+    if len(payload) % 2:
+        body += b"\0"
+    csum = ~(int.from_bytes(body, "big") % 0xFFFF) & 0xFFFF
+    tcp = _pack_tcp(sport, dport, seq, ack, offset, flags, window, csum, 0) + opt + payload
+    if family == 4:
+        hdr = _pack_ipv4(0x45, 0, 20 + tcp_len, 0, 0x4000, ttl, PROTO_TCP, 0, src, dst)
+        hcs = ~(int.from_bytes(hdr, "big") % 0xFFFF) & 0xFFFF
+        return _pack_ipv4(0x45, 0, 20 + tcp_len, 0, 0x4000, ttl, PROTO_TCP, hcs, src, dst) + tcp
+    return _pack_ipv6(6 << 28, tcp_len, PROTO_TCP, ttl, src, dst) + tcp
 
 
 def rewrite(

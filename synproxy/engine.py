@@ -1,0 +1,653 @@
+"""The sans-IO SYN-proxy engine: packets and `now` in, actions out.
+
+No sockets, clocks or globals: the shell feeds it parsed packets with their
+direction and the current time, executes the returned actions (a verdict for
+the packet, packets to send) and calls `handle_timer(now)` at `next_deadline()`.
+
+Life of a connection:
+  SYN (client)           -> SYN-ACK whose ISN is a cookie; nothing is stored.
+  ACK/data (client)      -> cookie checked exactly; state PENDING; SYN to the server
+                            with the client's ISN and decoded options; data held.
+  SYN-ACK (server)       -> ACK to the server, held data released, a window update to
+                            the client; state ESTABLISHED; the SYN-ACK is stolen.
+  everything after       -> translated both ways: seq/ack, SACK blocks, TSval/TSecr,
+                            window values rescaled between the two window scales.
+  FIN both ways, RST,    -> state removed (after a short linger for retransmissions).
+  idle timeout
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import Counter
+from dataclasses import dataclass, field
+from enum import Enum
+
+from . import packet as P
+from .cookie import CookieMaker, CookieOptions
+from .packet import ACK, FIN, RST, SYN, Packet, PacketError, TcpOptions
+
+U32 = 0xFFFFFFFF
+MAX_WINDOW_FIELD = 0xFFFF
+
+# NetfilterQueue copies at most 4016 bytes of a packet to userspace; a larger
+# segment could not be rewritten, so no MSS we announce may allow one.
+NFQUEUE_COPY_LIMIT = 4016
+MAX_MSS = NFQUEUE_COPY_LIMIT - 40 - 20  # IPv6 header + TCP header without options
+
+
+class Direction(Enum):
+    """Which way a packet travels relative to the protected server."""
+
+    FROM_CLIENT = "from_client"
+    FROM_SERVER = "from_server"
+
+
+class State(Enum):
+    PENDING = "pending"  # cookie validated, backend handshake in flight
+    ESTABLISHED = "established"
+    CLOSING = "closing"  # both FINs or a RST seen; kept briefly for retransmissions
+
+
+# ---------------------------------------------------------------- actions
+
+
+@dataclass(frozen=True, slots=True)
+class Accept:
+    """Let the packet pass; `payload` replaces it when the proxy rewrote it."""
+
+    payload: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Drop:
+    """Drop the packet; `reason` is the metric label."""
+
+    reason: str
+
+
+@dataclass(slots=True)
+class Send:
+    """Send a packet the proxy made (raw socket, marked so the rules let it pass)."""
+
+    family: int
+    dst: bytes
+    data: bytes
+    to: Direction  # TO the client is FROM_SERVER's direction; kept explicit for metrics
+    kind: str  # synack, syn, ack, window_update, rst, data
+
+
+Action = Accept | Drop | Send
+
+# The verdicts of the flood paths, made once.
+_SYN_ANSWERED = Drop("syn_answered")
+_COOKIE_INVALID = Drop("cookie_invalid")
+
+
+# ---------------------------------------------------------------- config and state
+
+
+@dataclass(frozen=True, slots=True)
+class BackendProfile:
+    """What the server says in its SYN-ACK; what the proxy mimics toward clients."""
+
+    mss: int = 1460
+    wscale: int | None = 7
+    sack_ok: bool = True
+    ts_ok: bool = True
+    window: int = 65535
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    ports: frozenset[int]
+    wscale: int | None = None  # None = auto: mimic the server's latest choice
+    mss: int | None = None  # None = auto
+    default_profile: BackendProfile = BackendProfile()
+    backend_timeout: float = 3.0  # give up on a silent server, RST the client
+    syn_retry_interval: float = 1.0  # resend the SYN to a silent server this often
+    idle_timeout: float = 7440.0  # established and idle: keepalive default 7200 s + probes
+    closing_linger: float = 10.0  # after FIN both ways or RST
+    pending_buffer_bytes: int = 65536  # client data held per connection during the backend handshake
+    ts_base: int = 0  # offset of the proxy's TSval clock (random in the daemon)
+
+    def __post_init__(self) -> None:
+        if not self.ports:
+            raise ValueError("at least one protected port is required")
+        if self.wscale is not None and not 0 <= self.wscale <= 14:
+            raise ValueError(f"window scale must be 0..14, got {self.wscale}")
+        if self.mss is not None and not 536 <= self.mss <= 65535:
+            raise ValueError(f"MSS must be 536..65535, got {self.mss}")
+
+
+def seq_after(a: int, b: int) -> bool:
+    """a comes after b in 32-bit sequence space."""
+    return 0 < ((a - b) & U32) < 0x80000000
+
+
+ConnKey = tuple[int, bytes, int, bytes, int]  # family, client addr, client port, server addr, server port
+ServerKey = tuple[int, bytes, int]
+
+
+@dataclass(slots=True)
+class Handshake:
+    """What the proxy holds only while the server handshake is in flight."""
+
+    syn: bytes  # the SYN sent to the server, resent on timeout
+    gives_up_at: float
+    wscale_ok: bool  # window scaling negotiated with the client
+    proxy_tsval: int  # the TSval of the proxy's SYN-ACK, as the client echoed it
+    client_tsval: int
+    client_window: int  # the client's latest window field (client's scale)
+    held: list[bytes] = field(default_factory=list)  # client segments to release
+    held_bytes: int = 0
+    held_next: int = 0  # first client sequence number not yet held
+
+
+@dataclass(slots=True)
+class Translation:
+    """How one connection's numbers map between the two sides.
+
+    Shaped like what conntrack can do in the kernel (CTA_SEQ_ADJ_REPLY offset,
+    CTA_SYNPROXY tsoff); the kernel cannot rescale windows, so a flow is
+    offloadable only when the two window scales agree.
+    """
+
+    seq_offset: int = 0  # server seq + offset = seq the client sees
+    ts_offset: int = 0  # server TSval - offset = TSval the client sees
+    client_send_shift: int = 0  # scale of windows the client sends
+    server_recv_shift: int = 0  # scale the server applies to them
+    server_send_shift: int = 0  # scale of windows the server sends
+    client_recv_shift: int = 0  # scale the client applies to them (what the proxy advertised)
+
+    @property
+    def kernel_offloadable(self) -> bool:
+        return (
+            self.client_send_shift == self.server_recv_shift
+            and self.server_send_shift == self.client_recv_shift
+        )
+
+
+@dataclass(slots=True)
+class Conn:
+    """Per-connection state: small and explicit."""
+
+    state: State
+    client_isn: int
+    cookie: int  # the proxy's ISN toward the client
+    ts: bool  # timestamps negotiated with the client
+    tr: Translation
+    last_seen: float
+    deadline: float  # next time a timer must look at this connection
+    server_isn: int = 0
+    handshake: Handshake | None = None
+    fin_from_client: bool = False
+    fin_from_server: bool = False
+
+
+@dataclass
+class Stats:
+    """Counters the metrics layer exports; plain ints on the hot path."""
+
+    syn_received: int = 0
+    synack_sent: int = 0
+    ack_valid: int = 0
+    ack_invalid: Counter[str] = field(default_factory=Counter)
+    backend_handshakes: Counter[str] = field(default_factory=Counter)  # established/refused/timeout
+    dropped: Counter[str] = field(default_factory=Counter)
+    malformed: Counter[str] = field(default_factory=Counter)
+    translated: int = 0
+    closed: Counter[str] = field(default_factory=Counter)  # fin/rst/idle
+    shed: Counter[str] = field(default_factory=Counter)  # caps and rate limits
+    evicted: Counter[str] = field(default_factory=Counter)  # bounded tables
+
+
+# ---------------------------------------------------------------- the engine
+
+
+class Engine:
+    """The SYN proxy's protocol logic. See the module docstring."""
+
+    def __init__(self, config: EngineConfig, cookies: CookieMaker) -> None:
+        self.config = config
+        self.cookies = cookies
+        self.conns: dict[ConnKey, Conn] = {}
+        self.stats = Stats()
+        self.pending = 0
+        self.established = 0
+        self._profiles: dict[ServerKey, BackendProfile] = {}
+        # window scale advertised per server and cookie slot: the cookie has no room
+        # for it, and the translation must know what the client was told.
+        self._advertised_wscale: dict[tuple[ServerKey, int], int] = {}
+        self._timers: list[tuple[float, ConnKey]] = []
+
+    # ------------------------------------------------------------ entry points
+
+    def classify(self, pkt: Packet) -> Direction | None:
+        """Direction of a queued packet, from the protected ports."""
+        if pkt.dport in self.config.ports:
+            return Direction.FROM_CLIENT
+        if pkt.sport in self.config.ports:
+            return Direction.FROM_SERVER
+        return None
+
+    def handle_raw(self, data: bytes, now: float) -> list[Action]:
+        """Parse, classify and handle one queued packet; bad packets are counted and dropped."""
+        try:
+            pkt = P.parse(data)
+        except PacketError as err:
+            self.stats.malformed[err.reason] += 1
+            return [Drop("malformed")]
+        direction = self.classify(pkt)
+        if direction is None:
+            self.stats.dropped["not_protected"] += 1
+            return [Accept()]
+        return self.handle(pkt, direction, now)
+
+    def handle(self, pkt: Packet, direction: Direction, now: float) -> list[Action]:
+        """Handle one packet; the first action is always its verdict."""
+        if direction is Direction.FROM_CLIENT:
+            key: ConnKey = (pkt.family, pkt.src, pkt.sport, pkt.dst, pkt.dport)
+            conn = self.conns.get(key)
+            if conn is None:
+                return self._from_client_stateless(pkt, key, None, now)
+            if conn.state is State.CLOSING and pkt.flags & (SYN | ACK | RST) in (SYN, ACK):
+                # Perhaps a new connection on the same tuple right after the old one.
+                return self._from_client_stateless(pkt, key, conn, now)
+            return self._from_client(pkt, key, conn, now)
+        key = (pkt.family, pkt.dst, pkt.dport, pkt.src, pkt.sport)
+        conn = self.conns.get(key)
+        if conn is None:
+            return self._from_server_stateless(pkt)
+        return self._from_server(pkt, key, conn, now)
+
+    def next_deadline(self) -> float | None:
+        """When `handle_timer` should next be called (None: no timers)."""
+        return self._timers[0][0] if self._timers else None
+
+    def handle_timer(self, now: float) -> list[Action]:
+        """Run every timer due at `now`: SYN resends, give-ups, idle and linger expiry."""
+        out: list[Action] = []
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            at, key = heapq.heappop(timers)
+            conn = self.conns.get(key)
+            if conn is None or conn.deadline != at:
+                continue  # stale entry
+            out.extend(self._expire(key, conn, now))
+        return out
+
+    def learn_profile(self, family: int, server: bytes, port: int, profile: BackendProfile) -> None:
+        """Record what a server announces (from a probe or an observed SYN-ACK)."""
+        if len(self._profiles) > 4096 and (family, server, port) not in self._profiles:
+            self._profiles.clear()  # bounded; only validated handshakes ever add entries
+        self._profiles[(family, server, port)] = profile
+
+    def profile(self, family: int, server: bytes, port: int) -> BackendProfile:
+        return self._profiles.get((family, server, port), self.config.default_profile)
+
+    # ------------------------------------------------------------ helpers
+
+    def _set_timer(self, key: ConnKey, conn: Conn, at: float) -> None:
+        conn.deadline = at
+        heapq.heappush(self._timers, (at, key))
+
+    def _ts_clock(self, now: float) -> int:
+        return (int(now * 1000) + self.config.ts_base) & U32
+
+    def _advertised_mss(self, prof: BackendProfile) -> int:
+        mss = self.config.mss if self.config.mss is not None else prof.mss
+        return min(mss, MAX_MSS)
+
+    def _wscale_for_slot(self, skey: ServerKey, slot: int) -> int:
+        """The window scale the proxy tells clients of this server during a cookie slot.
+
+        In auto mode it follows the server's latest choice, but is latched per slot
+        so the ACK of any SYN-ACK can be matched to what its client was told.
+        """
+        if self.config.wscale is not None:
+            return self.config.wscale
+        table = self._advertised_wscale
+        got = table.get((skey, slot))
+        if got is None:
+            prof_ws = self.profile(*skey).wscale
+            got = 7 if prof_ws is None else prof_ws
+            if len(table) > 1024:
+                for old in [k for k in table if k[1] < slot - 1]:
+                    del table[old]
+            table[(skey, slot)] = got
+        return got
+
+    # ------------------------------------------------------------ client side
+
+    def _from_client_stateless(self, pkt: Packet, key: ConnKey, old: Conn | None, now: float) -> list[Action]:
+        flags = pkt.flags
+        if flags & (SYN | ACK | RST) == SYN:
+            return self._answer_syn(pkt, now)
+        if flags & RST or not flags & ACK or flags & SYN:
+            self.stats.dropped["no_state"] += 1
+            return [Drop("no_state")]
+        return self._validate(pkt, key, old, now)
+
+    def _answer_syn(self, pkt: Packet, now: float) -> list[Action]:
+        """A SYN gets a SYN-ACK with a cookie ISN and no state at all."""
+        self.stats.syn_received += 1
+        opts = pkt.options
+        skey: ServerKey = (pkt.family, pkt.dst, pkt.dport)
+        prof = self.profile(*skey)
+        sack = opts.sack_ok and prof.sack_ok
+        c_opts = self.cookies.encode_options(pkt.family, opts.mss, opts.wscale, sack)
+        cookie = self.cookies.make(pkt.family, pkt.src, pkt.dst, pkt.sport, pkt.dport, pkt.seq, c_opts, now)
+        reply = TcpOptions(mss=self._advertised_mss(prof), sack_ok=sack)
+        if opts.wscale is not None:
+            reply.wscale = self._wscale_for_slot(skey, self.cookies.slot(now))
+        if opts.ts is not None and prof.ts_ok:
+            reply.ts = (self._ts_clock(now), opts.ts[0])
+        synack = P.build(
+            pkt.family, pkt.dst, pkt.src, pkt.dport, pkt.sport,
+            cookie, pkt.seq + 1, SYN | ACK, min(prof.window, MAX_WINDOW_FIELD), reply,
+        )
+        self.stats.synack_sent += 1
+        return [_SYN_ANSWERED, Send(pkt.family, pkt.src, synack, Direction.FROM_SERVER, "synack")]
+
+    def _validate(self, pkt: Packet, key: ConnKey, old: Conn | None, now: float) -> list[Action]:
+        """An ACK (or data) without state must carry a cookie for exactly seq-1."""
+        client_isn = (pkt.seq - 1) & U32
+        match = self.cookies.check(
+            pkt.family, pkt.src, pkt.dst, pkt.sport, pkt.dport, client_isn, (pkt.ack - 1) & U32, now
+        )
+        if match is None:
+            if old is not None:  # a straggler of the closing connection
+                return self._from_client(pkt, key, old, now)
+            self.stats.ack_invalid["cookie"] += 1
+            return [_COOKIE_INVALID]
+        c_opts, slot = match
+        if old is not None:
+            self._remove(key, old, "reused")
+        self.stats.ack_valid += 1
+        return self._open_backend(pkt, key, client_isn, c_opts, slot, now)
+
+    def _open_backend(
+        self, pkt: Packet, key: ConnKey, client_isn: int, c_opts: CookieOptions, slot: int, now: float
+    ) -> list[Action]:
+        family, client, cport, server, sport = key
+        ts = pkt.options.ts
+        tr = Translation()
+        wscale_ok = c_opts.wscale is not None  # window scaling was negotiated with the client
+        if c_opts.wscale is not None:
+            tr.client_send_shift = c_opts.wscale
+            tr.client_recv_shift = self._wscale_for_slot((family, server, sport), slot)
+        syn_opts = TcpOptions(
+            mss=min(c_opts.mss, MAX_MSS),
+            wscale=c_opts.wscale,
+            sack_ok=c_opts.sack_ok,
+            ts=(ts[0], 0) if ts is not None else None,
+        )
+        syn_window = min(pkt.window << tr.client_send_shift, MAX_WINDOW_FIELD)
+        syn = P.build(family, client, server, cport, sport, client_isn, 0, SYN, syn_window, syn_opts)
+        conn = Conn(
+            state=State.PENDING,
+            client_isn=client_isn,
+            cookie=(pkt.ack - 1) & U32,
+            ts=ts is not None,
+            tr=tr,
+            last_seen=now,
+            deadline=0.0,
+            handshake=Handshake(
+                syn=syn,
+                gives_up_at=now + self.config.backend_timeout,
+                wscale_ok=wscale_ok,
+                proxy_tsval=ts[1] if ts is not None else 0,
+                client_tsval=ts[0] if ts is not None else 0,
+                client_window=pkt.window,
+                held_next=(client_isn + 1) & U32,
+            ),
+        )
+        self.conns[key] = conn
+        self.pending += 1
+        self._set_timer(key, conn, min(now + self.config.syn_retry_interval, conn.handshake.gives_up_at))  # type: ignore[union-attr]
+        out: list[Action] = [Drop("validated"), Send(family, server, syn, Direction.FROM_CLIENT, "syn")]
+        self._hold(conn, pkt)
+        return out
+
+    def _hold(self, conn: Conn, pkt: Packet) -> None:
+        """Keep client data that arrives before the server is connected (bounded)."""
+        hs = conn.handshake
+        assert hs is not None
+        if pkt.flags & ACK:
+            hs.client_window = pkt.window
+            if pkt.options.ts is not None:
+                hs.client_tsval = pkt.options.ts[0]
+        if not pkt.payload_len and not pkt.flags & FIN:
+            return
+        end = (pkt.seq + pkt.seg_len) & U32
+        if not seq_after(end, hs.held_next):
+            self.stats.dropped["held_duplicate"] += 1
+            return  # nothing new: a retransmission of what is held
+        if seq_after(pkt.seq, hs.held_next):
+            self.stats.dropped["held_gap"] += 1
+            return  # an earlier segment is missing; the client retransmits both
+        if hs.held_bytes + pkt.payload_len > self.config.pending_buffer_bytes:
+            self.stats.dropped["held_overflow"] += 1
+            return  # the client retransmits it after the handshake
+        hs.held.append(pkt.raw)
+        hs.held_bytes += pkt.payload_len
+        hs.held_next = end
+
+    def _from_client(self, pkt: Packet, key: ConnKey, conn: Conn, now: float) -> list[Action]:
+        conn.last_seen = now
+        if conn.state is State.PENDING:
+            if pkt.flags & RST:
+                return self._abort_pending(key, conn, "client_rst")
+            if pkt.flags & SYN:
+                return self._answer_syn(pkt, now) if not pkt.flags & ACK else [Drop("no_state")]
+            self._hold(conn, pkt)
+            return [Drop("held")]
+        if pkt.flags & SYN:
+            # A new SYN on a live tuple: answer it statelessly; its ACK replaces
+            # the old state only if the old connection is closing.
+            if pkt.flags & ACK:
+                self.stats.dropped["unexpected_synack"] += 1
+                return [Drop("unexpected_synack")]
+            return self._answer_syn(pkt, now)
+        tr = conn.tr
+        new_ack = (pkt.ack - tr.seq_offset) & U32 if pkt.flags & ACK else None
+        ts = pkt.options.ts
+        window = pkt.window
+        if tr.client_send_shift != tr.server_recv_shift:
+            window = min((window << tr.client_send_shift) >> tr.server_recv_shift, MAX_WINDOW_FIELD)
+        out = P.rewrite(
+            pkt,
+            ack=new_ack,
+            window=window,
+            tsecr=(ts[1] + tr.ts_offset) & U32 if ts is not None and conn.ts else None,
+            sack_delta=-tr.seq_offset & U32,
+        )
+        self._track_close(key, conn, pkt, Direction.FROM_CLIENT, now)
+        self.stats.translated += 1
+        return [Accept(out)]
+
+    # ------------------------------------------------------------ server side
+
+    def _from_server_stateless(self, pkt: Packet) -> list[Action]:
+        self.stats.dropped["server_no_state"] += 1
+        if pkt.flags & RST:
+            return [Drop("server_no_state")]
+        # An orphan on the server (the proxy lost or expired its state): reset it
+        # so the server frees the socket rather than retransmitting for minutes.
+        rst = P.build(pkt.family, pkt.dst, pkt.src, pkt.dport, pkt.sport, pkt.ack, 0, RST, 0)
+        return [Drop("server_no_state"), Send(pkt.family, pkt.src, rst, Direction.FROM_CLIENT, "rst")]
+
+    def _from_server(self, pkt: Packet, key: ConnKey, conn: Conn, now: float) -> list[Action]:
+        conn.last_seen = now
+        flags = pkt.flags
+        if conn.state is State.PENDING:
+            hs = conn.handshake
+            assert hs is not None
+            if flags & (SYN | ACK) == SYN | ACK and pkt.ack == (conn.client_isn + 1) & U32:
+                return self._server_synack(pkt, key, conn, hs, now)
+            if flags & RST and pkt.ack == (conn.client_isn + 1) & U32:
+                self.stats.backend_handshakes["refused"] += 1
+                return [Drop("server_refused"), *self._reset_client(key, conn, "refused")]
+            return [Drop("pending_unexpected")]
+        if flags & SYN:
+            if flags & ACK and pkt.seq == conn.server_isn:
+                # Our ACK to the server was lost: send it again.
+                return [Drop("synack_retransmit"), self._ack_to_server(key, conn, pkt)]
+            return [Drop("unexpected_syn")]
+        tr = conn.tr
+        ts = pkt.options.ts
+        window = pkt.window
+        if tr.server_send_shift != tr.client_recv_shift:
+            window = min((window << tr.server_send_shift) >> tr.client_recv_shift, MAX_WINDOW_FIELD)
+        out = P.rewrite(
+            pkt,
+            seq=(pkt.seq + tr.seq_offset) & U32,
+            window=window,
+            tsval=(ts[0] - tr.ts_offset) & U32 if ts is not None and conn.ts else None,
+        )
+        self._track_close(key, conn, pkt, Direction.FROM_SERVER, now)
+        self.stats.translated += 1
+        return [Accept(out)]
+
+    def _server_synack(self, pkt: Packet, key: ConnKey, conn: Conn, hs: Handshake, now: float) -> list[Action]:
+        """The server accepted: finish its handshake and switch to translation."""
+        family, client, cport, server, sport = key
+        opts = pkt.options
+        tr = conn.tr
+        conn.server_isn = pkt.seq
+        tr.seq_offset = (conn.cookie - pkt.seq) & U32
+        if hs.wscale_ok and opts.wscale is not None:  # the server took the client's window scale
+            tr.server_recv_shift = tr.client_send_shift
+            tr.server_send_shift = min(opts.wscale, 14)
+        # else scaling is off toward the server and both its shifts stay 0
+        if conn.ts:
+            if opts.ts is not None:
+                tr.ts_offset = (opts.ts[0] - hs.proxy_tsval) & U32  # server clock - proxy clock
+            else:
+                conn.ts = False  # the server declined timestamps: nothing to translate
+        self.learn_profile(
+            family, server, sport,
+            BackendProfile(
+                mss=opts.mss or (536 if family == 4 else 1220),
+                wscale=opts.wscale,
+                sack_ok=opts.sack_ok,
+                ts_ok=opts.ts is not None,
+                window=pkt.window,
+            ),
+        )
+        conn.state = State.ESTABLISHED
+        conn.handshake = None
+        self.pending -= 1
+        self.established += 1
+        self.stats.backend_handshakes["established"] += 1
+        self._set_timer(key, conn, now + self.config.idle_timeout)
+        out: list[Action] = [Drop("synack_stolen"), self._ack_to_server(key, conn, pkt, hs)]
+        for raw in hs.held:
+            held = P.parse(raw)
+            res = self._from_client(held, key, conn, now)
+            first = res[0]
+            if isinstance(first, Accept) and first.payload is not None:
+                out.append(Send(family, server, first.payload, Direction.FROM_CLIENT, "data"))
+        # Tell the client the server's real window, in the scale the client uses.
+        window = min(pkt.window >> tr.client_recv_shift, MAX_WINDOW_FIELD)
+        upd_opts = None
+        if conn.ts and opts.ts is not None:
+            upd_opts = TcpOptions(ts=((opts.ts[0] - tr.ts_offset) & U32, hs.client_tsval))
+        update = P.build(
+            family, server, client, sport, cport,
+            (conn.cookie + 1) & U32, (conn.client_isn + 1) & U32, ACK, window, upd_opts,
+        )
+        out.append(Send(family, client, update, Direction.FROM_SERVER, "window_update"))
+        return out
+
+    def _ack_to_server(self, key: ConnKey, conn: Conn, synack: Packet, hs: Handshake | None = None) -> Send:
+        family, client, cport, server, sport = key
+        tr = conn.tr
+        if hs is not None:
+            window = min((hs.client_window << tr.client_send_shift) >> tr.server_recv_shift, MAX_WINDOW_FIELD)
+        else:  # a resent ACK after the handshake: about 64 KiB, in the server's view
+            window = MAX_WINDOW_FIELD >> tr.server_recv_shift
+        opts = None
+        if conn.ts and synack.options.ts is not None:
+            tsval = hs.client_tsval if hs is not None else synack.options.ts[1]
+            opts = TcpOptions(ts=(tsval, synack.options.ts[0]))
+        ack = P.build(
+            family, client, server, cport, sport,
+            (conn.client_isn + 1) & U32, (synack.seq + 1) & U32, ACK, window, opts,
+        )
+        return Send(family, server, ack, Direction.FROM_CLIENT, "ack")
+
+    # ------------------------------------------------------------ closing and timers
+
+    def _track_close(self, key: ConnKey, conn: Conn, pkt: Packet, direction: Direction, now: float) -> None:
+        flags = pkt.flags
+        if flags & RST:
+            self._closing(key, conn, now, "rst")
+            return
+        if flags & FIN:
+            if direction is Direction.FROM_CLIENT:
+                conn.fin_from_client = True
+            else:
+                conn.fin_from_server = True
+            if conn.fin_from_client and conn.fin_from_server:
+                self._closing(key, conn, now, "fin")
+
+    def _closing(self, key: ConnKey, conn: Conn, now: float, why: str) -> None:
+        if conn.state is State.ESTABLISHED:
+            self.established -= 1
+            self.stats.closed[why] += 1
+        conn.state = State.CLOSING
+        self._set_timer(key, conn, now + self.config.closing_linger)
+
+    def _expire(self, key: ConnKey, conn: Conn, now: float) -> list[Action]:
+        if conn.state is State.PENDING:
+            hs = conn.handshake
+            assert hs is not None
+            if now >= hs.gives_up_at:
+                self.stats.backend_handshakes["timeout"] += 1
+                family, client, cport, server, sport = key
+                # Clean the server's half-open socket too, in case only its SYN-ACK was lost.
+                rst = P.build(family, client, server, cport, sport, (conn.client_isn + 1) & U32, 0, RST, 0)
+                return [Send(family, server, rst, Direction.FROM_CLIENT, "rst"), *self._reset_client(key, conn, "timeout")]
+            self._set_timer(key, conn, min(now + self.config.syn_retry_interval, hs.gives_up_at))
+            return [Send(key[0], key[3], hs.syn, Direction.FROM_CLIENT, "syn")]
+        if conn.state is State.ESTABLISHED:
+            idle_until = conn.last_seen + self.config.idle_timeout
+            if now < idle_until:
+                self._set_timer(key, conn, idle_until)
+                return []
+            self.established -= 1
+            self.stats.closed["idle"] += 1
+            self._forget(key)
+            return []
+        self._forget(key)  # CLOSING linger over
+        return []
+
+    def _reset_client(self, key: ConnKey, conn: Conn, why: str) -> list[Action]:
+        """RST the client of a pending connection and free its state."""
+        family, client, cport, server, sport = key
+        rst = P.build(
+            family, server, client, sport, cport,
+            (conn.cookie + 1) & U32, (conn.handshake.held_next if conn.handshake else conn.client_isn + 1) & U32,
+            RST | ACK, 0,
+        )
+        self._remove(key, conn, why)
+        return [Send(family, client, rst, Direction.FROM_SERVER, "rst")]
+
+    def _abort_pending(self, key: ConnKey, conn: Conn, why: str) -> list[Action]:
+        family, client, cport, server, sport = key
+        rst = P.build(family, client, server, cport, sport, (conn.client_isn + 1) & U32, 0, RST, 0)
+        self._remove(key, conn, why)
+        return [Drop(why), Send(family, server, rst, Direction.FROM_CLIENT, "rst")]
+
+    def _remove(self, key: ConnKey, conn: Conn, why: str) -> None:
+        if conn.state is State.PENDING:
+            self.pending -= 1
+        elif conn.state is State.ESTABLISHED:
+            self.established -= 1
+            self.stats.closed[why] += 1
+        self._forget(key)
+
+    def _forget(self, key: ConnKey) -> None:
+        self.conns.pop(key, None)

@@ -1,0 +1,146 @@
+"""Prometheus metrics, read from the engine's and shell's counters at scrape time.
+
+A custom collector costs nothing on the packet path: the hot path bumps plain
+ints and the exporter turns them into metric families only when scraped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from . import __version__
+from .engine import Engine
+from .shell import LatencyHistogram, ShellStats
+
+NFQUEUE_PROC = Path("/proc/net/netfilter/nfnetlink_queue")
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStatus:
+    """One line of /proc/net/netfilter/nfnetlink_queue."""
+
+    queue: int
+    waiting: int
+    dropped_queue_full: int
+    dropped_socket_full: int
+    total: int
+
+
+def read_queue_status(queue: int, path: Path = NFQUEUE_PROC) -> QueueStatus | None:
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        cols = line.split()
+        if len(cols) >= 8 and int(cols[0]) == queue:
+            return QueueStatus(queue, int(cols[2]), int(cols[5]), int(cols[6]), int(cols[7]))
+    return None
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, value=value)
+
+
+def _labelled(name: str, doc: str, label: str, values: dict[str, int]) -> CounterMetricFamily:
+    fam = CounterMetricFamily(name, doc, labels=[label])
+    for key, val in sorted(values.items()):
+        fam.add_metric([key], val)
+    return fam
+
+
+def histogram_family(name: str, doc: str, hist: LatencyHistogram) -> HistogramMetricFamily:
+    buckets = []
+    acc = 0
+    for bound, count in zip(hist.BOUNDS, hist.counts):
+        acc += count
+        buckets.append((repr(bound), acc))
+    acc += hist.counts[-1]
+    buckets.append(("+Inf", acc))
+    return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=hist.total)
+
+
+class SynproxyCollector(Collector):
+    """Exports one worker's counters."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        shell: ShellStats,
+        queue: int,
+        key_age: Callable[[float], float],
+        proc_path: Path = NFQUEUE_PROC,
+    ) -> None:
+        self.engine = engine
+        self.shell = shell
+        self.queue = queue
+        self.key_age = key_age
+        self.proc_path = proc_path
+
+    def collect(self) -> Iterator[Metric]:
+        st = self.engine.stats
+        yield InfoMetricFamily("synproxy_build", "synproxy version", value={"version": __version__})
+        yield _counter("synproxy_syn_received", "SYNs seen from clients", st.syn_received)
+        yield _counter("synproxy_synack_sent", "Cookie SYN-ACKs sent to clients", st.synack_sent)
+        yield _counter("synproxy_ack_valid", "Client ACKs whose cookie validated", st.ack_valid)
+        yield _labelled("synproxy_ack_invalid", "Client ACKs without state whose cookie failed", "reason", st.ack_invalid)
+        yield _labelled(
+            "synproxy_backend_handshakes", "Handshakes with the protected server by outcome", "outcome",
+            st.backend_handshakes,
+        )
+        yield _labelled("synproxy_shed", "Packets refused because a cap or rate limit was reached", "reason", st.shed)
+        yield _labelled("synproxy_packets_dropped", "Queued packets the proxy dropped, by reason", "reason", st.dropped)
+        yield _labelled("synproxy_malformed_packets", "Queued packets that did not parse", "reason", st.malformed)
+        yield _counter("synproxy_packets_translated", "Packets of established connections rewritten", st.translated)
+        yield _labelled("synproxy_connections_closed", "Established connections ended, by cause", "reason", st.closed)
+        yield _labelled("synproxy_evictions", "Table entries evicted to stay within bounds", "table", st.evicted)
+        yield _labelled("synproxy_packets_sent", "Packets the proxy made and sent, by kind", "kind", self.shell.sent)
+        yield _labelled("synproxy_send_errors", "Raw socket send failures, by errno", "errno", self.shell.send_errors)
+        yield _counter("synproxy_handler_errors", "Packets dropped because the engine raised", self.shell.handler_errors)
+        yield _counter("synproxy_packets_queued", "Packets received from the queue", self.shell.packets)
+        pending = GaugeMetricFamily("synproxy_connections", "Connections tracked, by state", labels=["state"])
+        pending.add_metric(["pending"], self.engine.pending)
+        pending.add_metric(["established"], self.engine.established)
+        pending.add_metric(["closing"], len(self.engine.conns) - self.engine.pending - self.engine.established)
+        yield pending
+        yield histogram_family(
+            "synproxy_packet_handling_seconds", "Time to handle one queued packet", self.shell.handling
+        )
+        q = read_queue_status(self.queue, self.proc_path)
+        if q is not None:
+            yield GaugeMetricFamily("synproxy_nfqueue_waiting", "Packets waiting in the NFQUEUE", value=q.waiting)
+            drops = CounterMetricFamily("synproxy_nfqueue_dropped", "Packets the kernel dropped", labels=["cause"])
+            drops.add_metric(["queue_full"], q.dropped_queue_full)
+            drops.add_metric(["socket_full"], q.dropped_socket_full)
+            yield drops
+        yield GaugeMetricFamily(
+            "synproxy_cookie_key_age_seconds", "Age of the current cookie key", value=self.key_age(time.time())
+        )
+
+
+def serve(registry: CollectorRegistry, addr: str) -> None:
+    """Start the HTTP exporter on HOST:PORT (IPv6 literal in brackets)."""
+    from prometheus_client import start_http_server
+
+    host, port = parse_addr(addr)
+    start_http_server(port, addr=host, registry=registry)
+
+
+def parse_addr(addr: str) -> tuple[str, int]:
+    """'127.0.0.1:9531' or '[::1]:9531' -> (host, port); ValueError with a clear text otherwise."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"metrics address must be HOST:PORT, got {addr!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)

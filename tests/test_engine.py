@@ -1,0 +1,391 @@
+"""The engine driven packet by packet, without a kernel: handshake, translation, timers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from synproxy import packet as P
+from synproxy.cookie import CookieMaker
+from synproxy.engine import (
+    MAX_MSS,
+    Accept,
+    Action,
+    BackendProfile,
+    Direction,
+    Drop,
+    Engine,
+    EngineConfig,
+    Send,
+    State,
+)
+from synproxy.keys import KeyRing
+from synproxy.packet import ACK, FIN, PSH, RST, SYN, TcpOptions
+
+U32 = 0xFFFFFFFF
+C2S, S2C = Direction.FROM_CLIENT, Direction.FROM_SERVER
+T0 = 1_800_000_000.0
+
+
+def make_engine(**kw: object) -> Engine:
+    ring = KeyRing(current=bytes(range(32)), previous=None, rotated_at=T0 - 10_000, generation=1)
+    cfg = EngineConfig(ports=frozenset({80}), ts_base=12345, **kw)  # type: ignore[arg-type]
+    return Engine(cfg, CookieMaker(ring))
+
+
+@dataclass
+class Flow:
+    """One client/server pair and helpers that build their packets."""
+
+    family: int = 4
+    client_isn: int = 1_000_000
+    server_isn: int = 3_000_000_000
+    cport: int = 40000
+    client_ws: int | None = 7
+    client_mss: int | None = 1460
+    sack: bool = True
+    ts: bool = True
+    client_tsval: int = 500
+
+    def __post_init__(self) -> None:
+        if self.family == 4:
+            self.client, self.server = P.addr_bytes("198.18.0.2"), P.addr_bytes("198.18.1.2")
+        else:
+            self.client, self.server = P.addr_bytes("fd53:5059::2"), P.addr_bytes("fd53:5059:1::2")
+
+    def c(self, seq: int, ack: int, flags: int, window: int = 500, payload: bytes = b"",
+          ts: tuple[int, int] | None = None, opts: TcpOptions | None = None) -> P.Packet:
+        o = opts or TcpOptions(ts=ts)
+        return P.parse(P.build(self.family, self.client, self.server, self.cport, 80, seq, ack, flags, window, o, payload))
+
+    def s(self, seq: int, ack: int, flags: int, window: int = 500, payload: bytes = b"",
+          ts: tuple[int, int] | None = None, opts: TcpOptions | None = None) -> P.Packet:
+        o = opts or TcpOptions(ts=ts)
+        return P.parse(P.build(self.family, self.server, self.client, 80, self.cport, seq, ack, flags, window, o, payload))
+
+    def syn(self) -> P.Packet:
+        return self.c(self.client_isn, 0, SYN, 64240, opts=TcpOptions(
+            mss=self.client_mss, wscale=self.client_ws, sack_ok=self.sack,
+            ts=(self.client_tsval, 0) if self.ts else None))
+
+
+def sends(actions: list[Action], kind: str | None = None) -> list[Send]:
+    return [a for a in actions if isinstance(a, Send) and (kind is None or a.kind == kind)]
+
+
+def one(actions: list[Action], kind: str) -> P.Packet:
+    got = sends(actions, kind)
+    assert len(got) == 1, actions
+    pkt = P.parse(got[0].data)
+    assert P.checksum_ok(pkt)
+    return pkt
+
+
+def accepted(actions: list[Action]) -> P.Packet:
+    first = actions[0]
+    assert isinstance(first, Accept) and first.payload is not None, actions
+    pkt = P.parse(first.payload)
+    assert P.checksum_ok(pkt)
+    return pkt
+
+
+def handshake(eng: Engine, f: Flow, now: float = T0, server_ws: int | None = 7,
+              server_ts: int = 9_000_000, data: bytes = b"") -> tuple[P.Packet, P.Packet, list[Action]]:
+    """Run the three-way handshake plus the server side; returns (synack, syn to server, last actions)."""
+    out = eng.handle(f.syn(), C2S, now)
+    assert isinstance(out[0], Drop)
+    synack = one(out, "synack")
+    ts = (f.client_tsval + 1, synack.options.ts[0]) if synack.options.ts else None
+    out = eng.handle(f.c(f.client_isn + 1, synack.seq + 1, ACK | (PSH if data else 0), 502, data, ts=ts), C2S, now)
+    syn = one(out, "syn")
+    sa_opts = TcpOptions(mss=1460, wscale=server_ws, sack_ok=syn.options.sack_ok,
+                         ts=(server_ts, syn.options.ts[0]) if syn.options.ts else None)
+    out = eng.handle(f.s(f.server_isn, f.client_isn + 1, SYN | ACK, 65160, opts=sa_opts), S2C, now + 0.001)
+    return synack, syn, out
+
+
+# ------------------------------------------------------------------ SYN and cookie
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_syn_gets_cookie_synack_and_no_state(family: int) -> None:
+    eng, f = make_engine(), Flow(family=family)
+    out = eng.handle(f.syn(), C2S, T0)
+    assert out[0] == Drop("syn_answered")
+    synack = one(out, "synack")
+    assert synack.flags == SYN | ACK and synack.ack == f.client_isn + 1
+    assert (synack.src, synack.dst, synack.sport, synack.dport) == (f.server, f.client, 80, f.cport)
+    o = synack.options
+    assert o.mss == 1460 and o.wscale == 7 and o.sack_ok and o.ts is not None and o.ts[1] == f.client_tsval
+    assert synack.window > 0  # never a zero window: a lost third ACK must not hang the client
+    assert eng.conns == {} and eng.stats.syn_received == 1
+    again = one(eng.handle(f.syn(), C2S, T0 + 1), "synack")
+    assert again.seq == synack.seq  # a retransmitted SYN gets the same cookie
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 100, U32])
+def test_ack_off_by_k_never_validates(k: int) -> None:
+    eng, f = make_engine(), Flow()
+    synack = one(eng.handle(f.syn(), C2S, T0), "synack")
+    out = eng.handle(f.c(f.client_isn + 1 + k, synack.seq + 1, ACK, payload=b"abcde"), C2S, T0)
+    assert out == [Drop("cookie_invalid")] and eng.conns == {}
+    out = eng.handle(f.c(f.client_isn + 1, synack.seq + 1 + k, ACK), C2S, T0)
+    assert out == [Drop("cookie_invalid")]
+
+
+def test_cookie_expires() -> None:
+    eng, f = make_engine(), Flow()
+    synack = one(eng.handle(f.syn(), C2S, T0), "synack")
+    out = eng.handle(f.c(f.client_isn + 1, synack.seq + 1, ACK), C2S, T0 + 600)
+    assert out == [Drop("cookie_invalid")]
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_ack_replays_client_options_to_server(family: int) -> None:
+    eng, f = make_engine(), Flow(family=family, client_mss=1400, client_ws=9)
+    _, syn, _ = handshake(eng, f)
+    assert syn.flags == SYN and syn.seq == f.client_isn
+    assert (syn.src, syn.dst, syn.sport, syn.dport) == (f.client, f.server, f.cport, 80)  # real client address
+    assert syn.options.mss == 1400 and syn.options.wscale == 9 and syn.options.sack_ok
+    assert syn.options.ts == (f.client_tsval + 1, 0)
+
+
+def test_no_timestamps_keeps_wscale_and_sack() -> None:
+    eng, f = make_engine(), Flow(ts=False)
+    synack, syn, _ = handshake(eng, f)
+    assert synack.options.ts is None and synack.options.wscale == 7 and synack.options.sack_ok
+    assert syn.options.ts is None and syn.options.wscale == 7 and syn.options.sack_ok
+
+
+def test_all_options_off() -> None:
+    eng, f = make_engine(), Flow(ts=False, sack=False, client_ws=None, client_mss=None)
+    synack, syn, out = handshake(eng, f, server_ws=None)
+    assert synack.options.wscale is None and not synack.options.sack_ok and synack.options.ts is None
+    assert syn.options.wscale is None and not syn.options.sack_ok and syn.options.mss == 536
+    upd = one(out, "window_update")
+    assert upd.window == 65160  # no scaling either side
+
+
+@pytest.mark.parametrize("mss,want", [(536, 536), (1220, 1220), (1460, 1460), (1500, 1460), (8960, MAX_MSS), (600, 536)])
+def test_server_never_gets_mss_above_clients(mss: int, want: int) -> None:
+    eng, f = make_engine(), Flow(client_mss=mss)
+    _, syn, _ = handshake(eng, f)
+    assert syn.options.mss == want <= mss
+
+
+# ------------------------------------------------------------------ server handshake
+
+
+def test_server_synack_is_stolen_and_acked() -> None:
+    eng, f = make_engine(), Flow()
+    synack, syn, out = handshake(eng, f)
+    assert out[0] == Drop("synack_stolen")
+    ack = one(out, "ack")
+    assert ack.flags == ACK and ack.seq == f.client_isn + 1 and ack.ack == f.server_isn + 1
+    assert ack.options.ts == (f.client_tsval + 1, 9_000_000)
+    upd = one(out, "window_update")
+    assert upd.seq == synack.seq + 1 and upd.ack == f.client_isn + 1
+    assert upd.window == 65160 >> 7
+    assert upd.options.ts == (synack.options.ts[0], f.client_tsval + 1)  # the proxy's clock continues
+    conn = next(iter(eng.conns.values()))
+    assert conn.state is State.ESTABLISHED and eng.established == 1 and eng.pending == 0
+
+
+def test_translation_both_ways() -> None:
+    eng, f = make_engine(), Flow()
+    synack, _, _ = handshake(eng, f)
+    cookie = synack.seq
+    # server -> client: seq and TSval move into the proxy's spaces
+    got = accepted(eng.handle(f.s(f.server_isn + 1, f.client_isn + 1, ACK | PSH, 1000, b"hello", ts=(9_000_050, 501)), S2C, T0 + 1))
+    assert got.seq == cookie + 1 and got.ack == f.client_isn + 1 and got.payload == b"hello"
+    assert got.options.ts == ((synack.options.ts[0] + 50) & U32, 501)
+    # client -> server: ack and TSecr move back; SACK blocks too
+    sack_opts = TcpOptions(ts=(510, got.options.ts[0]), sack=((cookie + 100, cookie + 200),))
+    back = accepted(eng.handle(f.c(f.client_isn + 1, cookie + 6, ACK, 300, opts=sack_opts), C2S, T0 + 1))
+    assert back.ack == f.server_isn + 6 and back.seq == f.client_isn + 1
+    assert back.options.ts == (510, 9_000_050)
+    assert back.options.sack == ((f.server_isn + 100, f.server_isn + 200),)
+    assert back.window == 300  # same scale both sides: untouched
+
+
+@pytest.mark.parametrize("advertised,server_ws", [(2, 7), (12, 7), (7, 0), (7, 14), (14, 0), (0, 14)])
+def test_window_rescaled_between_scales(advertised: int, server_ws: int) -> None:
+    eng, f = make_engine(wscale=advertised), Flow()
+    synack, _, out = handshake(eng, f, server_ws=server_ws)
+    assert synack.options.wscale == advertised
+    for field_value in (1, 100, 511, 4000, 65535):
+        got = accepted(eng.handle(f.s(f.server_isn + 1, f.client_isn + 1, ACK, field_value), S2C, T0 + 1))
+        real = field_value << server_ws
+        assert got.window == min(real >> advertised, 0xFFFF)
+        assert got.window << advertised <= real  # never promise more than the server offers
+
+
+def test_client_window_rescaled_when_server_declines_scaling() -> None:
+    eng, f = make_engine(), Flow(client_ws=5)
+    handshake(eng, f, server_ws=None)
+    back = accepted(eng.handle(f.c(f.client_isn + 1, 0, ACK, 100), C2S, T0 + 1))
+    assert back.window == 100 << 5
+    big = accepted(eng.handle(f.c(f.client_isn + 1, 0, ACK, 5000), C2S, T0 + 1))
+    assert big.window == 0xFFFF
+
+
+def test_auto_wscale_follows_server_from_next_slot() -> None:
+    eng, f = make_engine(), Flow()
+    handshake(eng, f, server_ws=3)
+    first = one(eng.handle(Flow(cport=40001).syn(), C2S, T0 + 1), "synack")
+    assert first.options.wscale == 7  # latched for the current slot
+    later = one(eng.handle(Flow(cport=40002).syn(), C2S, T0 + 200), "synack")
+    assert later.options.wscale == 3
+
+
+# ------------------------------------------------------------------ data before the server is connected
+
+
+def test_data_on_the_ack_is_held_and_released() -> None:
+    eng, f = make_engine(), Flow()
+    synack, _, out = handshake(eng, f, data=b"GET / HTTP/1.0\r\n\r\n")
+    data = one(out, "data")
+    assert data.payload == b"GET / HTTP/1.0\r\n\r\n" and data.seq == f.client_isn + 1
+    assert data.ack == f.server_isn + 1  # translated into the server's space
+
+
+def test_lost_third_ack_first_data_segment_validates() -> None:
+    eng, f = make_engine(), Flow()
+    synack = one(eng.handle(f.syn(), C2S, T0), "synack")
+    ts = (f.client_tsval + 2, synack.options.ts[0])
+    out = eng.handle(f.c(f.client_isn + 1, synack.seq + 1, ACK | PSH, 502, b"abc", ts=ts), C2S, T0)
+    assert out[0] == Drop("validated") and len(sends(out, "syn")) == 1
+    out = eng.handle(f.c(f.client_isn + 4, synack.seq + 1, ACK | PSH, 502, b"defgh", ts=ts), C2S, T0)
+    assert out == [Drop("held")]
+    syn = P.parse(sends(eng.handle(f.syn(), C2S, T0), "synack")[0].data)  # unrelated: still stateless
+    sa = TcpOptions(mss=1460, wscale=7, sack_ok=True, ts=(77, f.client_tsval + 2))
+    out = eng.handle(f.s(f.server_isn, f.client_isn + 1, SYN | ACK, 65160, opts=sa), S2C, T0)
+    payloads = [P.parse(s.data).payload for s in sends(out, "data")]
+    assert payloads == [b"abc", b"defgh"]
+    del syn
+
+
+def test_shifted_segment_after_lost_small_segment_is_not_accepted() -> None:
+    """SYN cookies ate my dog: ACK and a 3-byte segment lost, the 5-byte one arrives first."""
+    eng, f = make_engine(), Flow()
+    synack = one(eng.handle(f.syn(), C2S, T0), "synack")
+    ts = (f.client_tsval + 2, synack.options.ts[0])
+    out = eng.handle(f.c(f.client_isn + 4, synack.seq + 1, ACK | PSH, 502, b"defgh", ts=ts), C2S, T0)
+    assert out == [Drop("cookie_invalid")] and not eng.conns
+    # the retransmission of the first segment then opens it at the right offset
+    out = eng.handle(f.c(f.client_isn + 1, synack.seq + 1, ACK | PSH, 502, b"abcdefgh", ts=ts), C2S, T0 + 0.2)
+    assert one(out, "syn").seq == f.client_isn
+
+
+def test_tfo_syn_with_data_loses_nothing() -> None:
+    eng, f = make_engine(), Flow()
+    syn = f.c(f.client_isn, 0, SYN, 64240, b"early", opts=TcpOptions(mss=1460, wscale=7, ts=(1, 0), unknown=((34, b""),)))
+    synack = one(eng.handle(syn, C2S, T0), "synack")
+    assert synack.ack == f.client_isn + 1  # the data is not acknowledged, so the client sends it again
+    assert all(k != 34 for k, _ in synack.options.unknown)
+
+
+# ------------------------------------------------------------------ backend trouble and timers
+
+
+def test_server_refuses() -> None:
+    eng, f = make_engine(), Flow()
+    synack = one(eng.handle(f.syn(), C2S, T0), "synack")
+    eng.handle(f.c(f.client_isn + 1, synack.seq + 1, ACK, ts=(501, synack.options.ts[0])), C2S, T0)
+    out = eng.handle(f.s(0, f.client_isn + 1, RST | ACK, 0), S2C, T0 + 0.001)
+    rst = one(out, "rst")
+    assert rst.flags & RST and rst.seq == synack.seq + 1 and rst.dst == f.client
+    assert eng.conns == {} and eng.pending == 0 and eng.stats.backend_handshakes["refused"] == 1
+
+
+def test_silent_server_syn_resent_then_client_reset() -> None:
+    eng, f = make_engine(backend_timeout=3.0), Flow()
+    synack = one(eng.handle(f.syn(), C2S, T0), "synack")
+    eng.handle(f.c(f.client_isn + 1, synack.seq + 1, ACK, ts=(501, synack.options.ts[0])), C2S, T0)
+    assert eng.next_deadline() == T0 + 1.0
+    assert len(sends(eng.handle_timer(T0 + 1.0), "syn")) == 1
+    assert len(sends(eng.handle_timer(T0 + 2.0), "syn")) == 1
+    out = eng.handle_timer(T0 + 3.0)
+    to_client = [P.parse(s.data) for s in sends(out, "rst") if s.dst == f.client]
+    assert len(to_client) == 1 and to_client[0].seq == synack.seq + 1
+    assert eng.conns == {} and eng.pending == 0 and eng.stats.backend_handshakes["timeout"] == 1
+
+
+def test_synack_retransmit_gets_ack_again() -> None:
+    eng, f = make_engine(), Flow()
+    handshake(eng, f)
+    sa = TcpOptions(mss=1460, wscale=7, sack_ok=True, ts=(9_000_100, f.client_tsval + 1))
+    out = eng.handle(f.s(f.server_isn, f.client_isn + 1, SYN | ACK, 65160, opts=sa), S2C, T0 + 1)
+    assert out[0] == Drop("synack_retransmit") and one(out, "ack").ack == f.server_isn + 1
+
+
+def test_fin_both_ways_then_linger_then_gone() -> None:
+    eng, f = make_engine(closing_linger=5.0), Flow(ts=False)
+    synack, _, _ = handshake(eng, f)
+    accepted(eng.handle(f.c(f.client_isn + 1, synack.seq + 1, FIN | ACK), C2S, T0 + 1))
+    fin = accepted(eng.handle(f.s(f.server_isn + 1, f.client_isn + 2, FIN | ACK), S2C, T0 + 1))
+    assert fin.seq == synack.seq + 1
+    assert eng.established == 0 and eng.stats.closed["fin"] == 1
+    last = accepted(eng.handle(f.c(f.client_isn + 2, synack.seq + 2, ACK), C2S, T0 + 1.1))
+    assert last.ack == f.server_isn + 2
+    eng.handle_timer(T0 + 7)
+    assert eng.conns == {}
+
+
+def test_rst_from_server_forwarded_and_state_closed() -> None:
+    eng, f = make_engine(), Flow(ts=False)
+    synack, _, _ = handshake(eng, f)
+    rst = accepted(eng.handle(f.s(f.server_isn + 1, 0, RST), S2C, T0 + 1))
+    assert rst.seq == synack.seq + 1
+    assert eng.established == 0
+
+
+def test_idle_timeout_and_activity_extends_it() -> None:
+    eng, f = make_engine(idle_timeout=600.0), Flow(ts=False)
+    handshake(eng, f)
+    eng.handle(f.c(f.client_isn + 1, 0, ACK), C2S, T0 + 500)
+    eng.handle_timer(T0 + 601)
+    assert len(eng.conns) == 1  # active at 500: lives until 1100
+    eng.handle_timer(T0 + 1101)
+    assert eng.conns == {} and eng.stats.closed["idle"] == 1
+
+
+def test_new_connection_on_same_tuple_after_close() -> None:
+    eng, f = make_engine(), Flow(ts=False)
+    synack, _, _ = handshake(eng, f)
+    eng.handle(f.c(f.client_isn + 1, synack.seq + 1, FIN | ACK), C2S, T0 + 1)
+    eng.handle(f.s(f.server_isn + 1, f.client_isn + 2, FIN | ACK), S2C, T0 + 1)
+    f2 = Flow(ts=False, client_isn=f.client_isn + 100_000, server_isn=77)
+    synack2, syn2, out = handshake(eng, f2, now=T0 + 2)
+    assert syn2.seq == f2.client_isn and out[0] == Drop("synack_stolen")
+    got = accepted(eng.handle(f2.s(78, f2.client_isn + 1, ACK, payload=b"x"), S2C, T0 + 3))
+    assert got.seq == synack2.seq + 1
+
+
+def test_server_segment_without_state_resets_server() -> None:
+    eng, f = make_engine(), Flow()
+    out = eng.handle(f.s(5000, 7000, ACK | PSH, payload=b"orphan"), S2C, T0)
+    assert out[0] == Drop("server_no_state")
+    rst = one(out, "rst")
+    assert rst.dst == f.server and rst.seq == 7000 and rst.flags == RST
+
+
+def test_malformed_is_counted_and_dropped() -> None:
+    eng = make_engine()
+    assert eng.handle_raw(b"\x45\x00garbage", T0) == [Drop("malformed")]
+    assert eng.stats.malformed["short"] == 1
+
+
+# ------------------------------------------------------------------ wrap-around
+
+
+def test_sequence_and_timestamp_wraparound() -> None:
+    eng, f = make_engine(), Flow(client_isn=U32 - 2, server_isn=U32 - 1, client_tsval=U32 - 1)
+    synack, syn, _ = handshake(eng, f, server_ts=U32)
+    assert syn.seq == U32 - 2
+    got = accepted(eng.handle(f.s(0, 0, ACK, payload=b"wrap", ts=(3, 5)), S2C, T0 + 1))  # server seq wrapped
+    assert got.seq == (synack.seq + 2) & U32
+    assert got.options.ts == ((synack.options.ts[0] + 4) & U32, 5)
+    back = accepted(eng.handle(f.c(0, (synack.seq + 6) & U32, ACK, ts=(7, got.options.ts[0])), C2S, T0 + 1))
+    assert back.ack == 4 and back.options.ts == (7, 3)
