@@ -60,7 +60,6 @@ def run(opts: RunOptions) -> None:
     """
     from prometheus_client import CollectorRegistry
 
-    from . import rules
     from .metrics import SynproxyCollector, serve
     from .shell import Shell
 
@@ -87,6 +86,8 @@ def run(opts: RunOptions) -> None:
         serve(registry, opts.metrics_addr)
     rule_cfg = None
     if opts.install_rules:
+        from . import rules
+
         rule_cfg = rules.RuleConfig(
             ports=tuple(opts.ports), queue=opts.queue, mode=rules.Mode(opts.mode), mark=opts.mark
         )
@@ -100,7 +101,7 @@ def run(opts: RunOptions) -> None:
         shell.run()
     finally:
         if rule_cfg is not None:
-            rules.remove(backend)
+            rules.remove(backend)  # noqa: F821 - imported above when rules were installed
         log.info("stopped; %d connections were open", len(engine.conns))
 
 
