@@ -25,6 +25,7 @@ from enum import Enum
 
 from . import packet as P
 from .cookie import CookieMaker, CookieOptions
+from .limits import Limits, LimitsConfig, Shed
 from .packet import ACK, FIN, RST, SYN, Packet, PacketError, TcpOptions
 
 U32 = 0xFFFFFFFF
@@ -82,6 +83,7 @@ Action = Accept | Drop | Send
 # The verdicts of the flood paths, made once.
 _SYN_ANSWERED = Drop("syn_answered")
 _COOKIE_INVALID = Drop("cookie_invalid")
+_SHED_DROPS = {shed: Drop(f"shed_{shed.value}") for shed in Shed}
 
 
 # ---------------------------------------------------------------- config and state
@@ -110,6 +112,7 @@ class EngineConfig:
     closing_linger: float = 10.0  # after FIN both ways or RST
     pending_buffer_bytes: int = 65536  # client data held per connection during the backend handshake
     ts_base: int = 0  # offset of the proxy's TSval clock (random in the daemon)
+    limits: LimitsConfig = LimitsConfig()
 
     def __post_init__(self) -> None:
         if not self.ports:
@@ -213,13 +216,21 @@ class Engine:
         self.cookies = cookies
         self.conns: dict[ConnKey, Conn] = {}
         self.stats = Stats()
-        self.pending = 0
-        self.established = 0
+        self.limits = Limits(config.limits)
         self._profiles: dict[ServerKey, BackendProfile] = {}
         # window scale advertised per server and cookie slot: the cookie has no room
         # for it, and the translation must know what the client was told.
         self._advertised_wscale: dict[tuple[ServerKey, int], int] = {}
         self._timers: list[tuple[float, ConnKey]] = []
+
+    @property
+    def pending(self) -> int:
+        """Connections whose cookie validated and whose server handshake is in flight."""
+        return self.limits.pending
+
+    @property
+    def established(self) -> int:
+        return self.limits.established
 
     # ------------------------------------------------------------ entry points
 
@@ -332,6 +343,10 @@ class Engine:
     def _answer_syn(self, pkt: Packet, now: float) -> list[Action]:
         """A SYN gets a SYN-ACK with a cookie ISN and no state at all."""
         self.stats.syn_received += 1
+        shed = self.limits.check_syn(self.limits.source_key(pkt.family, pkt.src), now)
+        if shed is not None:
+            self.stats.shed[shed.value] += 1
+            return [_SHED_DROPS[shed]]
         opts = pkt.options
         skey: ServerKey = (pkt.family, pkt.dst, pkt.dport)
         prof = self.profile(*skey)
@@ -365,6 +380,12 @@ class Engine:
         if old is not None:
             self._remove(key, old, "reused")
         self.stats.ack_valid += 1
+        shed = self.limits.check_open(self.limits.source_key(pkt.family, pkt.src))
+        if shed is not None:
+            # The client believes it is connected: tell it at once that it is not.
+            self.stats.shed[shed.value] += 1
+            rst = P.build(pkt.family, pkt.dst, pkt.src, pkt.dport, pkt.sport, pkt.ack, 0, RST, 0)
+            return [_SHED_DROPS[shed], Send(pkt.family, pkt.src, rst, Direction.FROM_SERVER, "rst")]
         return self._open_backend(pkt, key, client_isn, c_opts, slot, now)
 
     def _open_backend(
@@ -404,7 +425,7 @@ class Engine:
             ),
         )
         self.conns[key] = conn
-        self.pending += 1
+        self.limits.opened(self.limits.source_key(family, client))
         self._set_timer(key, conn, min(now + self.config.syn_retry_interval, conn.handshake.gives_up_at))  # type: ignore[union-attr]
         out: list[Action] = [Drop("validated"), Send(family, server, syn, Direction.FROM_CLIENT, "syn")]
         self._hold(conn, pkt)
@@ -538,8 +559,7 @@ class Engine:
         )
         conn.state = State.ESTABLISHED
         conn.handshake = None
-        self.pending -= 1
-        self.established += 1
+        self.limits.promoted(self.limits.source_key(family, client))
         self.stats.backend_handshakes["established"] += 1
         self._set_timer(key, conn, now + self.config.idle_timeout)
         out: list[Action] = [Drop("synack_stolen"), self._ack_to_server(key, conn, pkt, hs)]
@@ -595,7 +615,7 @@ class Engine:
 
     def _closing(self, key: ConnKey, conn: Conn, now: float, why: str) -> None:
         if conn.state is State.ESTABLISHED:
-            self.established -= 1
+            self.limits.closed(self.limits.source_key(key[0], key[1]), was_pending=False)
             self.stats.closed[why] += 1
         conn.state = State.CLOSING
         self._set_timer(key, conn, now + self.config.closing_linger)
@@ -617,7 +637,7 @@ class Engine:
             if now < idle_until:
                 self._set_timer(key, conn, idle_until)
                 return []
-            self.established -= 1
+            self.limits.closed(self.limits.source_key(key[0], key[1]), was_pending=False)
             self.stats.closed["idle"] += 1
             self._forget(key)
             return []
@@ -642,11 +662,11 @@ class Engine:
         return [Drop(why), Send(family, server, rst, Direction.FROM_CLIENT, "rst")]
 
     def _remove(self, key: ConnKey, conn: Conn, why: str) -> None:
-        if conn.state is State.PENDING:
-            self.pending -= 1
-        elif conn.state is State.ESTABLISHED:
-            self.established -= 1
-            self.stats.closed[why] += 1
+        if conn.state is not State.CLOSING:
+            pending = conn.state is State.PENDING
+            self.limits.closed(self.limits.source_key(key[0], key[1]), was_pending=pending)
+            if not pending:
+                self.stats.closed[why] += 1
         self._forget(key)
 
     def _forget(self, key: ConnKey) -> None:

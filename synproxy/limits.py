@@ -1,0 +1,186 @@
+"""Load shedding: caps on pending/established connections and SYN-ACK rate limits.
+
+Pure and clock-free like the engine. Sources are grouped by prefix (/32 and
+/128 by default, /24 and /64 selectable) so an attacker cannot dodge a
+per-source cap by spreading over a subnet.
+
+The SYN-ACK token buckets live in a fixed array indexed by a keyed hash of the
+source prefix: memory is the same whatever the flood, and no state is created
+per unvalidated SYN. Two prefixes that share a bucket share its rate, which
+only ever makes the limit stricter for them.
+"""
+
+from __future__ import annotations
+
+from array import array
+from dataclasses import dataclass
+from enum import Enum
+
+
+class Shed(Enum):
+    """Why a packet was refused; the value is the metric label."""
+
+    PER_SOURCE_PENDING = "per_source_pending"
+    PER_SOURCE_ESTABLISHED = "per_source_established"
+    GLOBAL_PENDING = "global_pending"
+    GLOBAL_ESTABLISHED = "global_established"
+    SYNACK_RATE_SOURCE = "synack_rate_source"
+    SYNACK_RATE_GLOBAL = "synack_rate_global"
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """Caps (0 = unlimited) and rates (SYN-ACKs per second; 0 = unlimited)."""
+
+    max_pending_per_source: int = 256
+    max_established_per_source: int = 4096
+    max_pending: int = 65536
+    max_established: int = 1_000_000
+    source_prefix_v4: int = 32
+    source_prefix_v6: int = 128
+    synack_rate_per_source: float = 1000.0
+    synack_burst_per_source: float = 2000.0
+    synack_rate_global: float = 0.0
+    synack_buckets: int = 1 << 16  # size of the hashed bucket array (a power of two)
+
+    def __post_init__(self) -> None:
+        for name in ("max_pending_per_source", "max_established_per_source", "max_pending", "max_established"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 1 <= self.source_prefix_v4 <= 32:
+            raise ValueError(f"source_prefix_v4 must be 1..32, got {self.source_prefix_v4}")
+        if not 1 <= self.source_prefix_v6 <= 128:
+            raise ValueError(f"source_prefix_v6 must be 1..128, got {self.source_prefix_v6}")
+        if self.synack_rate_per_source < 0 or self.synack_rate_global < 0:
+            raise ValueError("SYN-ACK rates must be >= 0")
+        if self.synack_buckets <= 0 or self.synack_buckets & (self.synack_buckets - 1):
+            raise ValueError("synack_buckets must be a power of two")
+
+
+def prefix_of(addr: bytes, bits: int) -> bytes:
+    """The first `bits` bits of a packed address, as bytes (the grouping key)."""
+    full, rest = divmod(bits, 8)
+    if not rest:
+        return addr[:full]
+    return addr[:full] + bytes((addr[full] & (0xFF << (8 - rest)) & 0xFF,))
+
+
+class TokenBuckets:
+    """A fixed array of token buckets addressed by a hash."""
+
+    def __init__(self, size: int, rate: float, burst: float) -> None:
+        self.mask = size - 1
+        self.rate = rate
+        self.burst = burst
+        self.tokens = array("d", [burst]) * size
+        self.stamp = array("d", [0.0]) * size
+
+    def take(self, key: object, now: float) -> bool:
+        i = hash(key) & self.mask  # str/bytes hashes are SipHash with a per-process key
+        tokens = self.tokens[i] + (now - self.stamp[i]) * self.rate
+        if tokens > self.burst:
+            tokens = self.burst
+        self.stamp[i] = now
+        if tokens < 1.0:
+            self.tokens[i] = tokens
+            return False
+        self.tokens[i] = tokens - 1.0
+        return True
+
+
+class GlobalBucket:
+    """One token bucket for the whole proxy."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.burst = max(rate, 1.0)
+        self.tokens = self.burst
+        self.stamp = 0.0
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
+
+
+@dataclass(slots=True)
+class SourceCount:
+    pending: int = 0
+    established: int = 0
+
+
+class Limits:
+    """Counts validated connections per source prefix and decides what to shed."""
+
+    def __init__(self, config: LimitsConfig) -> None:
+        self.config = config
+        self.sources: dict[bytes, SourceCount] = {}
+        self.pending = 0
+        self.established = 0
+        self._synack = (
+            TokenBuckets(config.synack_buckets, config.synack_rate_per_source, config.synack_burst_per_source)
+            if config.synack_rate_per_source
+            else None
+        )
+        self._global = GlobalBucket(config.synack_rate_global) if config.synack_rate_global else None
+
+    def source_key(self, family: int, addr: bytes) -> bytes:
+        bits = self.config.source_prefix_v4 if family == 4 else self.config.source_prefix_v6
+        return prefix_of(addr, bits)
+
+    def _over_cap(self, source: bytes) -> Shed | None:
+        cfg = self.config
+        count = self.sources.get(source)
+        if cfg.max_pending and self.pending >= cfg.max_pending:
+            return Shed.GLOBAL_PENDING
+        if cfg.max_established and self.established >= cfg.max_established:
+            return Shed.GLOBAL_ESTABLISHED
+        if count is not None:
+            if cfg.max_pending_per_source and count.pending >= cfg.max_pending_per_source:
+                return Shed.PER_SOURCE_PENDING
+            if cfg.max_established_per_source and count.established >= cfg.max_established_per_source:
+                return Shed.PER_SOURCE_ESTABLISHED
+        return None
+
+    def check_syn(self, source: bytes, now: float) -> Shed | None:
+        """Whether a SYN from this source may get a SYN-ACK (None = yes)."""
+        over = self._over_cap(source)
+        if over is not None:
+            return over
+        if self._synack is not None and not self._synack.take(source, now):
+            return Shed.SYNACK_RATE_SOURCE
+        if self._global is not None and not self._global.take(now):
+            return Shed.SYNACK_RATE_GLOBAL
+        return None
+
+    def check_open(self, source: bytes) -> Shed | None:
+        """Whether a validated ACK may open a backend connection (None = yes)."""
+        return self._over_cap(source)
+
+    def opened(self, source: bytes) -> None:
+        count = self.sources.get(source)
+        if count is None:
+            count = self.sources[source] = SourceCount()
+        count.pending += 1
+        self.pending += 1
+
+    def promoted(self, source: bytes) -> None:
+        count = self.sources[source]
+        count.pending -= 1
+        count.established += 1
+        self.pending -= 1
+        self.established += 1
+
+    def closed(self, source: bytes, was_pending: bool) -> None:
+        count = self.sources[source]
+        if was_pending:
+            count.pending -= 1
+            self.pending -= 1
+        else:
+            count.established -= 1
+            self.established -= 1
+        if not count.pending and not count.established:
+            del self.sources[source]
