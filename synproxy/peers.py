@@ -1,0 +1,225 @@
+"""Real client and server programs for the lab (end-to-end tests, demo, benchmark).
+
+    python -m synproxy.peers server --port 8080 [--rcvbuf N] [--slow-read S]
+    python -m synproxy.peers get URL [--expect-sha256 H]
+    python -m synproxy.peers upload URL --size N
+    python -m synproxy.peers many URL --count N [--concurrency C] [--timeout S]
+
+The server is an ordinary kernel-TCP HTTP server (the "legacy" one the proxy
+protects): GET /bytes/N streams N deterministic bytes, POST /upload answers
+with the sha256 and length of what it read, GET /whoami answers with the
+client address the server sees. Clients print one JSON line with results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import http.client
+import json
+import socket
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+CHUNK = 65536
+
+
+def stream_blocks(size: int):  # type: ignore[no-untyped-def]
+    """`size` deterministic bytes (a hash chain) in pieces, so both ends can check content."""
+    block = b"synproxy"
+    buf = bytearray()
+    sent = 0
+    while sent < size:
+        while len(buf) < CHUNK:
+            block = hashlib.sha256(block).digest()
+            buf += block * 64
+        piece = bytes(buf[: min(CHUNK, size - sent)])
+        del buf[: len(piece)]
+        sent += len(piece)
+        yield piece
+
+
+def pattern_sha256(size: int) -> str:
+    h = hashlib.sha256()
+    for piece in stream_blocks(size):
+        h.update(piece)
+    return h.hexdigest()
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    slow_read = 0.0
+
+    def log_message(self, fmt: str, *args: object) -> None:  # quiet
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802
+        if self.path == "/whoami":
+            body = json.dumps({"client": self.client_address[0], "port": self.client_address[1]}).encode()
+            self._reply(body)
+        elif self.path.startswith("/bytes/"):
+            size = int(self.path.rsplit("/", 1)[1])
+            self.send_response(200)
+            self.send_header("Content-Length", str(size))
+            self.send_header("Content-Type", "application/octet-stream")
+            self.end_headers()
+            for piece in stream_blocks(size):
+                self.wfile.write(piece)
+        else:
+            self._reply(b"synproxy lab server\n")
+
+    def do_POST(self) -> None:  # noqa: N802
+        length = int(self.headers.get("Content-Length", "0"))
+        h = hashlib.sha256()
+        got = 0
+        while got < length:
+            piece = self.rfile.read(min(CHUNK, length - got))
+            if not piece:
+                break
+            h.update(piece)
+            got += len(piece)
+            if self.slow_read:
+                time.sleep(self.slow_read)
+        self._reply(json.dumps({"sha256": h.hexdigest(), "bytes": got}).encode())
+
+    def _reply(self, body: bytes) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+class DualStackServer(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+    daemon_threads = True
+    request_queue_size = 1024
+    rcvbuf = 0
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if self.rcvbuf:  # set before listen so the window scale follows it
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
+        super().server_bind()
+
+
+def serve(port: int, rcvbuf: int = 0, slow_read: float = 0.0) -> None:
+    Handler.slow_read = slow_read
+    DualStackServer.rcvbuf = rcvbuf
+    srv = DualStackServer(("::", port), Handler)
+    print(json.dumps({"listening": port}), flush=True)
+    srv.serve_forever()
+
+
+# ---------------------------------------------------------------- clients
+
+
+def _conn(url: str, timeout: float) -> tuple[http.client.HTTPConnection, str]:
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname or "", parts.port or 80, timeout=timeout)
+    return conn, parts.path or "/"
+
+
+def get(url: str, timeout: float = 30.0) -> dict[str, object]:
+    """One GET; returns status, size, sha256 and timings."""
+    start = time.perf_counter()
+    conn, path = _conn(url, timeout)
+    conn.connect()
+    connected = time.perf_counter()
+    conn.request("GET", path)
+    resp = conn.getresponse()
+    h = hashlib.sha256()
+    size = 0
+    while True:
+        piece = resp.read(CHUNK)
+        if not piece:
+            break
+        h.update(piece)
+        size += len(piece)
+    conn.close()
+    end = time.perf_counter()
+    return {
+        "status": resp.status, "bytes": size, "sha256": h.hexdigest(),
+        "connect_s": connected - start, "total_s": end - start,
+    }
+
+
+def upload(url: str, size: int, timeout: float = 60.0) -> dict[str, object]:
+    """POST `size` pattern bytes; the server answers with what it received."""
+    start = time.perf_counter()
+    conn, path = _conn(url, timeout)
+    conn.putrequest("POST", path)
+    conn.putheader("Content-Length", str(size))
+    conn.endheaders()
+    for piece in stream_blocks(size):
+        conn.send(piece)
+    resp = conn.getresponse()
+    answer = json.loads(resp.read())
+    conn.close()
+    return {
+        "status": resp.status, "sent_sha256": pattern_sha256(size), "server": answer,
+        "ok": answer.get("sha256") == pattern_sha256(size) and answer.get("bytes") == size,
+        "total_s": time.perf_counter() - start,
+    }
+
+
+def many(url: str, count: int, concurrency: int, timeout: float) -> dict[str, object]:
+    """`count` GETs, `concurrency` at a time; success counts and connect latencies."""
+    def one(_: int) -> float | None:
+        try:
+            res = get(url, timeout)
+            return float(res["connect_s"]) if res["status"] == 200 else None  # type: ignore[arg-type]
+        except OSError:
+            return None
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        results = list(pool.map(one, range(count)))
+    lat = sorted(r for r in results if r is not None)
+    return {
+        "count": count, "ok": len(lat), "failed": count - len(lat), "seconds": time.perf_counter() - start,
+        "connect_p50_ms": statistics.median(lat) * 1000 if lat else None,
+        "connect_p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000 if lat else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m synproxy.peers", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("server")
+    s.add_argument("--port", type=int, required=True)
+    s.add_argument("--rcvbuf", type=int, default=0, help="SO_RCVBUF before listen (shapes the window scale)")
+    s.add_argument("--slow-read", type=float, default=0.0, help="sleep this long after each 64 KiB read")
+    g = sub.add_parser("get")
+    g.add_argument("url")
+    g.add_argument("--timeout", type=float, default=30.0)
+    u = sub.add_parser("upload")
+    u.add_argument("url")
+    u.add_argument("--size", type=int, required=True)
+    u.add_argument("--timeout", type=float, default=60.0)
+    m = sub.add_parser("many")
+    m.add_argument("url")
+    m.add_argument("--count", type=int, required=True)
+    m.add_argument("--concurrency", type=int, default=1)
+    m.add_argument("--timeout", type=float, default=5.0)
+    args = ap.parse_args(argv)
+    if args.cmd == "server":
+        serve(args.port, args.rcvbuf, args.slow_read)
+        return 0
+    if args.cmd == "get":
+        res = get(args.url, args.timeout)
+    elif args.cmd == "upload":
+        res = upload(args.url, args.size, args.timeout)
+    else:
+        res = many(args.url, args.count, args.concurrency, args.timeout)
+    print(json.dumps(res), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
