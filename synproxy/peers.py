@@ -4,11 +4,15 @@
     python -m synproxy.peers get URL [--expect-sha256 H]
     python -m synproxy.peers upload URL --size N
     python -m synproxy.peers many URL --count N [--concurrency C] [--timeout S]
+    python -m synproxy.peers sink --port 9000
+    python -m synproxy.peers chunks HOST PORT --chunks 3,5 [--gap S]
 
 The server is an ordinary kernel-TCP HTTP server (the "legacy" one the proxy
 protects): GET /bytes/N streams N deterministic bytes, POST /upload answers
 with the sha256 and length of what it read, GET /whoami answers with the
-client address the server sees. Clients print one JSON line with results.
+client address the server sees. The sink server reads each connection to its
+end and answers with exactly what arrived, for the byte-exact corner cases.
+Clients print one JSON line with results.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import json
 import socket
 import statistics
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -115,7 +120,60 @@ def serve(port: int, rcvbuf: int = 0, slow_read: float = 0.0) -> None:
     srv.serve_forever()
 
 
+def sink(port: int) -> None:
+    """Read each connection until the client's FIN; answer with what arrived."""
+    srv = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    srv.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("::", port))
+    srv.listen(128)
+    print(json.dumps({"listening": port}), flush=True)
+
+    def handle(conn: socket.socket, addr: tuple[str, int]) -> None:
+        data = bytearray()
+        with conn:
+            conn.settimeout(60)
+            while True:
+                piece = conn.recv(CHUNK)
+                if not piece:
+                    break
+                data += piece
+            conn.sendall(json.dumps({"client": addr[0], "bytes": len(data), "data": data[:256].hex()}).encode())
+
+    while True:
+        conn, addr = srv.accept()
+        threading.Thread(target=handle, args=(conn, addr), daemon=True).start()
+
+
 # ---------------------------------------------------------------- clients
+
+
+def chunks(host: str, port: int, sizes: list[int], gap: float, timeout: float) -> dict[str, object]:
+    """Connect, send chunks of b'a', b'b', ... one segment each (TCP_NODELAY), close, read the reply."""
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    start = time.perf_counter()
+    with socket.socket(fam, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.connect((host, port))
+        sent = b""
+        for i, size in enumerate(sizes):
+            piece = bytes([ord("a") + i % 26]) * size
+            sock.sendall(piece)
+            sent += piece
+            if gap:
+                time.sleep(gap)
+        sock.shutdown(socket.SHUT_WR)
+        reply = b""
+        while True:
+            piece = sock.recv(CHUNK)
+            if not piece:
+                break
+            reply += piece
+    answer = json.loads(reply)
+    got = bytes.fromhex(answer["data"])
+    return {"sent": sent.decode(), "received": got.decode(errors="replace"), "ok": got == sent,
+            "seconds": time.perf_counter() - start, "client_as_seen": answer["client"]}
 
 
 def _conn(url: str, timeout: float) -> tuple[http.client.HTTPConnection, str]:
@@ -206,9 +264,24 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--count", type=int, required=True)
     m.add_argument("--concurrency", type=int, default=1)
     m.add_argument("--timeout", type=float, default=5.0)
+    k = sub.add_parser("sink")
+    k.add_argument("--port", type=int, required=True)
+    c = sub.add_parser("chunks")
+    c.add_argument("host")
+    c.add_argument("port", type=int)
+    c.add_argument("--chunks", default="3,5", help="sizes of the segments, comma separated")
+    c.add_argument("--gap", type=float, default=0.0, help="seconds between chunks")
+    c.add_argument("--timeout", type=float, default=10.0)
     args = ap.parse_args(argv)
     if args.cmd == "server":
         serve(args.port, args.rcvbuf, args.slow_read)
+        return 0
+    if args.cmd == "sink":
+        sink(args.port)
+        return 0
+    if args.cmd == "chunks":
+        sizes = [int(x) for x in args.chunks.split(",")]
+        print(json.dumps(chunks(args.host, args.port, sizes, args.gap, args.timeout)), flush=True)
         return 0
     if args.cmd == "get":
         res = get(args.url, args.timeout)
