@@ -222,6 +222,9 @@ class Engine:
         # for it, and the translation must know what the client was told.
         self._advertised_wscale: dict[tuple[ServerKey, int], int] = {}
         self._timers: list[tuple[float, ConnKey]] = []
+        # IPv6 headers are 20 bytes longer: the same link gives a 20 bytes smaller MSS.
+        d = config.default_profile
+        self._default_v6 = BackendProfile(d.mss - 20, d.wscale, d.sack_ok, d.ts_ok, d.window)
 
     @property
     def pending(self) -> int:
@@ -295,7 +298,11 @@ class Engine:
         self._profiles[(family, server, port)] = profile
 
     def profile(self, family: int, server: bytes, port: int) -> BackendProfile:
-        return self._profiles.get((family, server, port), self.config.default_profile)
+        """What the server announced last, or the default until it has been seen."""
+        prof = self._profiles.get((family, server, port))
+        if prof is not None:
+            return prof
+        return self.config.default_profile if family == 4 else self._default_v6
 
     # ------------------------------------------------------------ helpers
 
