@@ -67,7 +67,7 @@ def run(opts: RunOptions) -> None:
 
     keyring = load_or_create(opts.key_file, time.time())
     engine = build_engine(opts, keyring)
-    watcher = KeyFileWatcher(opts.key_file)
+    watcher = KeyFileWatcher(opts.key_file, known=keyring)
     current = {"ring": keyring}
 
     def on_tick(now: float) -> None:
