@@ -136,6 +136,7 @@ ServerKey = tuple[int, bytes, int]
 class Handshake:
     """What the proxy holds only while the server handshake is in flight."""
 
+    client_isn: int
     syn: bytes  # the SYN sent to the server, resent on timeout
     gives_up_at: float
     wscale_ok: bool  # window scaling negotiated with the client
@@ -147,13 +148,14 @@ class Handshake:
     held_next: int = 0  # first client sequence number not yet held
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Translation:
     """How one connection's numbers map between the two sides.
 
     Shaped like what conntrack can do in the kernel (CTA_SEQ_ADJ_REPLY offset,
     CTA_SYNPROXY tsoff); the kernel cannot rescale windows, so a flow is
-    offloadable only when the two window scales agree.
+    offloadable only when the two window scales agree. `Conn` keeps the same
+    fields flat (one object less per connection); `Conn.translation` is this view.
     """
 
     seq_offset: int = 0  # server seq + offset = seq the client sees
@@ -173,19 +175,29 @@ class Translation:
 
 @dataclass(slots=True)
 class Conn:
-    """Per-connection state: small and explicit."""
+    """Per-connection state: small and explicit (see Translation for the numbers)."""
 
     state: State
-    client_isn: int
     cookie: int  # the proxy's ISN toward the client
     ts: bool  # timestamps negotiated with the client
-    tr: Translation
     last_seen: float
-    deadline: float  # next time a timer must look at this connection
-    server_isn: int = 0
     handshake: Handshake | None = None
+    seq_offset: int = 0
+    ts_offset: int = 0
+    client_send_shift: int = 0
+    server_recv_shift: int = 0
+    server_send_shift: int = 0
+    client_recv_shift: int = 0
+    deadline: float = 0.0  # for PENDING and CLOSING; ESTABLISHED is swept for idleness
     fin_from_client: bool = False
     fin_from_server: bool = False
+
+    @property
+    def translation(self) -> Translation:
+        return Translation(
+            self.seq_offset, self.ts_offset, self.client_send_shift,
+            self.server_recv_shift, self.server_send_shift, self.client_recv_shift,
+        )
 
 
 @dataclass
@@ -222,6 +234,12 @@ class Engine:
         # for it, and the translation must know what the client was told.
         self._advertised_wscale: dict[tuple[ServerKey, int], int] = {}
         self._timers: list[tuple[float, ConnKey]] = []
+        # Idle expiry of established connections: an incremental sweep over a
+        # snapshot of the keys, so they need no timer entry each.
+        self._sweep_keys: list[ConnKey] = []
+        self._sweep_at = 0.0
+        # One shared object per server address and port instead of one per connection.
+        self._interned: dict[object, object] = {}
         # IPv6 headers are 20 bytes longer: the same link gives a 20 bytes smaller MSS.
         d = config.default_profile
         self._default_v6 = BackendProfile(d.mss - 20, d.wscale, d.sack_ok, d.ts_ok, d.window)
@@ -275,9 +293,14 @@ class Engine:
             return self._from_server_stateless(pkt)
         return self._from_server(pkt, key, conn, now)
 
+    SWEEP_BATCH = 2000  # established connections looked at per sweep step
+
     def next_deadline(self) -> float | None:
         """When `handle_timer` should next be called (None: no timers)."""
-        return self._timers[0][0] if self._timers else None
+        at = self._timers[0][0] if self._timers else None
+        if self.limits.established or self._sweep_keys:
+            at = self._sweep_at if at is None else min(at, self._sweep_at)
+        return at
 
     def handle_timer(self, now: float) -> list[Action]:
         """Run every timer due at `now`: SYN resends, give-ups, idle and linger expiry."""
@@ -289,7 +312,29 @@ class Engine:
             if conn is None or conn.deadline != at:
                 continue  # stale entry
             out.extend(self._expire(key, conn, now))
+        if now >= self._sweep_at and (self.limits.established or self._sweep_keys):
+            self._sweep(now)
         return out
+
+    def _sweep(self, now: float) -> None:
+        """Expire idle established connections, a batch at a time."""
+        if not self._sweep_keys:
+            self._sweep_keys = list(self.conns)
+        batch = self._sweep_keys[-self.SWEEP_BATCH :]
+        del self._sweep_keys[-self.SWEEP_BATCH :]
+        idle = self.config.idle_timeout
+        for key in batch:
+            conn = self.conns.get(key)
+            if conn is not None and conn.state is State.ESTABLISHED and now - conn.last_seen >= idle:
+                self.limits.closed(self.limits.source_key(key[0], key[1]), was_pending=False)
+                self.stats.closed["idle"] += 1
+                del self.conns[key]
+        # A whole pass takes at most a tenth of the idle timeout (or a minute).
+        passes = max(1, len(self.conns) // self.SWEEP_BATCH)
+        self._sweep_at = now + (0.0 if self._sweep_keys else min(idle / 10, 60.0)) + min(1.0, 1.0 / passes)
+
+    def _intern(self, value: object) -> object:
+        return self._interned.setdefault(value, value)
 
     def learn_profile(self, family: int, server: bytes, port: int, profile: BackendProfile) -> None:
         """Record what a server announces (from a probe or an observed SYN-ACK)."""
@@ -399,29 +444,32 @@ class Engine:
         self, pkt: Packet, key: ConnKey, client_isn: int, c_opts: CookieOptions, slot: int, now: float
     ) -> list[Action]:
         family, client, cport, server, sport = key
+        if len(self._interned) > 4096:
+            self._interned.clear()  # bounded: only validated connections add servers
+        key = (family, client, cport, self._intern(server), self._intern(sport))  # type: ignore[assignment]
         ts = pkt.options.ts
-        tr = Translation()
         wscale_ok = c_opts.wscale is not None  # window scaling was negotiated with the client
+        client_send_shift = client_recv_shift = 0
         if c_opts.wscale is not None:
-            tr.client_send_shift = c_opts.wscale
-            tr.client_recv_shift = self._wscale_for_slot((family, server, sport), slot)
+            client_send_shift = c_opts.wscale
+            client_recv_shift = self._wscale_for_slot((family, server, sport), slot)
         syn_opts = TcpOptions(
             mss=min(c_opts.mss, MAX_MSS),
             wscale=c_opts.wscale,
             sack_ok=c_opts.sack_ok,
             ts=(ts[0], 0) if ts is not None else None,
         )
-        syn_window = min(pkt.window << tr.client_send_shift, MAX_WINDOW_FIELD)
+        syn_window = min(pkt.window << client_send_shift, MAX_WINDOW_FIELD)
         syn = P.build(family, client, server, cport, sport, client_isn, 0, SYN, syn_window, syn_opts)
         conn = Conn(
             state=State.PENDING,
-            client_isn=client_isn,
             cookie=(pkt.ack - 1) & U32,
             ts=ts is not None,
-            tr=tr,
             last_seen=now,
-            deadline=0.0,
+            client_send_shift=client_send_shift,
+            client_recv_shift=client_recv_shift,
             handshake=Handshake(
+                client_isn=client_isn,
                 syn=syn,
                 gives_up_at=now + self.config.backend_timeout,
                 wscale_ok=wscale_ok,
@@ -478,18 +526,17 @@ class Engine:
                 self.stats.dropped["unexpected_synack"] += 1
                 return [Drop("unexpected_synack")]
             return self._answer_syn(pkt, now)
-        tr = conn.tr
-        new_ack = (pkt.ack - tr.seq_offset) & U32 if pkt.flags & ACK else None
+        new_ack = (pkt.ack - conn.seq_offset) & U32 if pkt.flags & ACK else None
         ts = pkt.options.ts
         window = pkt.window
-        if tr.client_send_shift != tr.server_recv_shift:
-            window = min((window << tr.client_send_shift) >> tr.server_recv_shift, MAX_WINDOW_FIELD)
+        if conn.client_send_shift != conn.server_recv_shift:
+            window = min((window << conn.client_send_shift) >> conn.server_recv_shift, MAX_WINDOW_FIELD)
         out = P.rewrite(
             pkt,
             ack=new_ack,
             window=window,
-            tsecr=(ts[1] + tr.ts_offset) & U32 if ts is not None and conn.ts else None,
-            sack_delta=-tr.seq_offset & U32,
+            tsecr=(ts[1] + conn.ts_offset) & U32 if ts is not None and conn.ts else None,
+            sack_delta=-conn.seq_offset & U32,
         )
         self._track_close(key, conn, pkt, Direction.FROM_CLIENT, now)
         self.stats.translated += 1
@@ -512,27 +559,26 @@ class Engine:
         if conn.state is State.PENDING:
             hs = conn.handshake
             assert hs is not None
-            if flags & (SYN | ACK) == SYN | ACK and pkt.ack == (conn.client_isn + 1) & U32:
+            if flags & (SYN | ACK) == SYN | ACK and pkt.ack == (hs.client_isn + 1) & U32:
                 return self._server_synack(pkt, key, conn, hs, now)
-            if flags & RST and pkt.ack == (conn.client_isn + 1) & U32:
+            if flags & RST and pkt.ack == (hs.client_isn + 1) & U32:
                 self.stats.backend_handshakes["refused"] += 1
                 return [Drop("server_refused"), *self._reset_client(key, conn, "refused")]
             return [Drop("pending_unexpected")]
         if flags & SYN:
-            if flags & ACK and pkt.seq == conn.server_isn:
+            if flags & ACK and (pkt.seq + conn.seq_offset) & U32 == conn.cookie:
                 # Our ACK to the server was lost: send it again.
                 return [Drop("synack_retransmit"), self._ack_to_server(key, conn, pkt)]
             return [Drop("unexpected_syn")]
-        tr = conn.tr
         ts = pkt.options.ts
         window = pkt.window
-        if tr.server_send_shift != tr.client_recv_shift:
-            window = min((window << tr.server_send_shift) >> tr.client_recv_shift, MAX_WINDOW_FIELD)
+        if conn.server_send_shift != conn.client_recv_shift:
+            window = min((window << conn.server_send_shift) >> conn.client_recv_shift, MAX_WINDOW_FIELD)
         out = P.rewrite(
             pkt,
-            seq=(pkt.seq + tr.seq_offset) & U32,
+            seq=(pkt.seq + conn.seq_offset) & U32,
             window=window,
-            tsval=(ts[0] - tr.ts_offset) & U32 if ts is not None and conn.ts else None,
+            tsval=(ts[0] - conn.ts_offset) & U32 if ts is not None and conn.ts else None,
         )
         self._track_close(key, conn, pkt, Direction.FROM_SERVER, now)
         self.stats.translated += 1
@@ -542,16 +588,14 @@ class Engine:
         """The server accepted: finish its handshake and switch to translation."""
         family, client, cport, server, sport = key
         opts = pkt.options
-        tr = conn.tr
-        conn.server_isn = pkt.seq
-        tr.seq_offset = (conn.cookie - pkt.seq) & U32
+        conn.seq_offset = (conn.cookie - pkt.seq) & U32
         if hs.wscale_ok and opts.wscale is not None:  # the server took the client's window scale
-            tr.server_recv_shift = tr.client_send_shift
-            tr.server_send_shift = min(opts.wscale, 14)
+            conn.server_recv_shift = conn.client_send_shift
+            conn.server_send_shift = min(opts.wscale, 14)
         # else scaling is off toward the server and both its shifts stay 0
         if conn.ts:
             if opts.ts is not None:
-                tr.ts_offset = (opts.ts[0] - hs.proxy_tsval) & U32  # server clock - proxy clock
+                conn.ts_offset = (opts.ts[0] - hs.proxy_tsval) & U32  # server clock - proxy clock
             else:
                 conn.ts = False  # the server declined timestamps: nothing to translate
         self.learn_profile(
@@ -568,7 +612,8 @@ class Engine:
         conn.handshake = None
         self.limits.promoted(self.limits.source_key(family, client))
         self.stats.backend_handshakes["established"] += 1
-        self._set_timer(key, conn, now + self.config.idle_timeout)
+        if not self._sweep_keys and self._sweep_at < now:
+            self._sweep_at = now + min(self.config.idle_timeout / 10, 60.0)
         out: list[Action] = [Drop("synack_stolen"), self._ack_to_server(key, conn, pkt, hs)]
         for raw in hs.held:
             held = P.parse(raw)
@@ -577,31 +622,30 @@ class Engine:
             if isinstance(first, Accept) and first.payload is not None:
                 out.append(Send(family, server, first.payload, Direction.FROM_CLIENT, "data"))
         # Tell the client the server's real window, in the scale the client uses.
-        window = min(pkt.window >> tr.client_recv_shift, MAX_WINDOW_FIELD)
+        window = min(pkt.window >> conn.client_recv_shift, MAX_WINDOW_FIELD)
         upd_opts = None
         if conn.ts and opts.ts is not None:
-            upd_opts = TcpOptions(ts=((opts.ts[0] - tr.ts_offset) & U32, hs.client_tsval))
+            upd_opts = TcpOptions(ts=((opts.ts[0] - conn.ts_offset) & U32, hs.client_tsval))
         update = P.build(
             family, server, client, sport, cport,
-            (conn.cookie + 1) & U32, (conn.client_isn + 1) & U32, ACK, window, upd_opts,
+            (conn.cookie + 1) & U32, (hs.client_isn + 1) & U32, ACK, window, upd_opts,
         )
         out.append(Send(family, client, update, Direction.FROM_SERVER, "window_update"))
         return out
 
     def _ack_to_server(self, key: ConnKey, conn: Conn, synack: Packet, hs: Handshake | None = None) -> Send:
         family, client, cport, server, sport = key
-        tr = conn.tr
         if hs is not None:
-            window = min((hs.client_window << tr.client_send_shift) >> tr.server_recv_shift, MAX_WINDOW_FIELD)
+            window = min((hs.client_window << conn.client_send_shift) >> conn.server_recv_shift, MAX_WINDOW_FIELD)
         else:  # a resent ACK after the handshake: about 64 KiB, in the server's view
-            window = MAX_WINDOW_FIELD >> tr.server_recv_shift
+            window = MAX_WINDOW_FIELD >> conn.server_recv_shift
         opts = None
         if conn.ts and synack.options.ts is not None:
             tsval = hs.client_tsval if hs is not None else synack.options.ts[1]
             opts = TcpOptions(ts=(tsval, synack.options.ts[0]))
         ack = P.build(
             family, client, server, cport, sport,
-            (conn.client_isn + 1) & U32, (synack.seq + 1) & U32, ACK, window, opts,
+            synack.ack, (synack.seq + 1) & U32, ACK, window, opts,
         )
         return Send(family, server, ack, Direction.FROM_CLIENT, "ack")
 
@@ -635,20 +679,12 @@ class Engine:
                 self.stats.backend_handshakes["timeout"] += 1
                 family, client, cport, server, sport = key
                 # Clean the server's half-open socket too, in case only its SYN-ACK was lost.
-                rst = P.build(family, client, server, cport, sport, (conn.client_isn + 1) & U32, 0, RST, 0)
+                rst = P.build(family, client, server, cport, sport, (hs.client_isn + 1) & U32, 0, RST, 0)
                 return [Send(family, server, rst, Direction.FROM_CLIENT, "rst"), *self._reset_client(key, conn, "timeout")]
             self._set_timer(key, conn, min(now + self.config.syn_retry_interval, hs.gives_up_at))
             return [Send(key[0], key[3], hs.syn, Direction.FROM_CLIENT, "syn")]
-        if conn.state is State.ESTABLISHED:
-            idle_until = conn.last_seen + self.config.idle_timeout
-            if now < idle_until:
-                self._set_timer(key, conn, idle_until)
-                return []
-            self.limits.closed(self.limits.source_key(key[0], key[1]), was_pending=False)
-            self.stats.closed["idle"] += 1
-            self._forget(key)
-            return []
-        self._forget(key)  # CLOSING linger over
+        if conn.state is State.CLOSING:
+            self._forget(key)  # linger over
         return []
 
     def _reset_client(self, key: ConnKey, conn: Conn, why: str) -> list[Action]:
@@ -656,7 +692,7 @@ class Engine:
         family, client, cport, server, sport = key
         rst = P.build(
             family, server, client, sport, cport,
-            (conn.cookie + 1) & U32, (conn.handshake.held_next if conn.handshake else conn.client_isn + 1) & U32,
+            (conn.cookie + 1) & U32, conn.handshake.held_next if conn.handshake else 0,
             RST | ACK, 0,
         )
         self._remove(key, conn, why)
@@ -664,7 +700,8 @@ class Engine:
 
     def _abort_pending(self, key: ConnKey, conn: Conn, why: str) -> list[Action]:
         family, client, cport, server, sport = key
-        rst = P.build(family, client, server, cport, sport, (conn.client_isn + 1) & U32, 0, RST, 0)
+        assert conn.handshake is not None
+        rst = P.build(family, client, server, cport, sport, (conn.handshake.client_isn + 1) & U32, 0, RST, 0)
         self._remove(key, conn, why)
         return [Drop(why), Send(family, server, rst, Direction.FROM_CLIENT, "rst")]
 
