@@ -389,3 +389,92 @@ def test_sequence_and_timestamp_wraparound() -> None:
     assert got.options.ts == ((synack.options.ts[0] + 4) & U32, 5)
     back = accepted(eng.handle(f.c(0, (synack.seq + 6) & U32, ACK, ts=(7, got.options.ts[0])), C2S, T0 + 1))
     assert back.ack == 4 and back.options.ts == (7, 3)
+
+
+# ------------------------------------------------------------------ life-cycle (engine level)
+
+
+def test_keepalive_probe_is_translated_and_keeps_state() -> None:
+    """A keepalive (seq = snd_nxt - 1, no data) passes translated and counts as activity."""
+    eng, f = make_engine(idle_timeout=600.0), Flow(ts=False)
+    synack, _, _ = handshake(eng, f)
+    for t in (300, 600, 900):
+        probe = accepted(eng.handle(f.c(f.client_isn, synack.seq + 1, ACK), C2S, T0 + t))
+        assert probe.seq == f.client_isn and probe.ack == f.server_isn + 1
+        reply = accepted(eng.handle(f.s(f.server_isn + 1, f.client_isn + 1, ACK), S2C, T0 + t))
+        assert reply.seq == synack.seq + 1
+        eng.handle_timer(T0 + t + 1)
+    assert len(eng.conns) == 1
+
+
+def test_half_close_server_keeps_sending() -> None:
+    """The client closes its side; the server's data after that is still translated."""
+    eng, f = make_engine(), Flow(ts=False)
+    synack, _, _ = handshake(eng, f)
+    accepted(eng.handle(f.c(f.client_isn + 1, synack.seq + 1, FIN | ACK), C2S, T0 + 1))
+    for i in range(3):
+        got = accepted(eng.handle(f.s(f.server_isn + 1 + 100 * i, f.client_isn + 2, ACK, payload=b"y" * 100), S2C, T0 + 2))
+        assert got.seq == synack.seq + 1 + 100 * i
+    assert next(iter(eng.conns.values())).state is State.ESTABLISHED
+
+
+def test_simultaneous_close() -> None:
+    eng, f = make_engine(closing_linger=2.0), Flow(ts=False)
+    synack, _, _ = handshake(eng, f)
+    accepted(eng.handle(f.c(f.client_isn + 1, synack.seq + 1, FIN | ACK), C2S, T0 + 1))
+    accepted(eng.handle(f.s(f.server_isn + 1, f.client_isn + 1, FIN | ACK), S2C, T0 + 1))
+    accepted(eng.handle(f.c(f.client_isn + 2, synack.seq + 2, ACK), C2S, T0 + 1))
+    accepted(eng.handle(f.s(f.server_isn + 2, f.client_isn + 2, ACK), S2C, T0 + 1))
+    assert eng.established == 0
+    eng.handle_timer(T0 + 4)
+    assert eng.conns == {}
+
+
+def test_rst_from_client_forwarded() -> None:
+    eng, f = make_engine(), Flow(ts=False)
+    synack, _, _ = handshake(eng, f)
+    rst = accepted(eng.handle(f.c(f.client_isn + 1, synack.seq + 1, RST | ACK), C2S, T0 + 1))
+    assert rst.flags & RST and rst.ack == f.server_isn + 1
+    assert eng.established == 0 and eng.stats.closed["rst"] == 1
+
+
+def test_ten_minutes_idle_then_data() -> None:
+    eng, f = make_engine(), Flow()  # default idle timeout 7440 s
+    synack, _, _ = handshake(eng, f)
+    for t in range(0, 601, 30):
+        eng.handle_timer(T0 + t)
+    got = accepted(eng.handle(f.c(f.client_isn + 1, synack.seq + 1, ACK | PSH, payload=b"late", ts=(9999, 1)), C2S, T0 + 600))
+    assert got.payload == b"late" and got.ack == f.server_isn + 1
+
+
+def test_dsack_and_multiple_sack_blocks() -> None:
+    eng, f = make_engine(), Flow(ts=False)
+    synack, _, _ = handshake(eng, f)
+    c = synack.seq
+    blocks = ((c + 1, c + 11), (c + 21, c + 31), (c + 41, c + 51))
+    back = accepted(eng.handle(f.c(f.client_isn + 1, c + 1, ACK, opts=TcpOptions(sack=blocks)), C2S, T0 + 1))
+    s = f.server_isn
+    assert back.options.sack == ((s + 1, s + 11), (s + 21, s + 31), (s + 41, s + 51))
+
+
+def test_pending_client_rst_resets_server_and_frees_state() -> None:
+    eng, f = make_engine(), Flow(ts=False)
+    synack = one(eng.handle(f.syn(), C2S, T0), "synack")
+    eng.handle(f.c(f.client_isn + 1, synack.seq + 1, ACK), C2S, T0)
+    out = eng.handle(f.c(f.client_isn + 1, synack.seq + 1, RST), C2S, T0 + 0.1)
+    rst = one(out, "rst")
+    assert rst.dst == f.server and rst.seq == f.client_isn + 1
+    assert eng.conns == {} and eng.pending == 0
+
+
+def test_held_data_is_bounded() -> None:
+    eng, f = make_engine(pending_buffer_bytes=3000), Flow(ts=False)
+    synack = one(eng.handle(f.syn(), C2S, T0), "synack")
+    seq = f.client_isn + 1
+    for _ in range(4):
+        eng.handle(f.c(seq, synack.seq + 1, ACK | PSH, payload=b"z" * 1000), C2S, T0)
+        seq += 1000
+    assert eng.stats.dropped["held_overflow"] == 1
+    sa = TcpOptions(mss=1460, wscale=7)
+    out = eng.handle(f.s(f.server_isn, f.client_isn + 1, SYN | ACK, 65000, opts=sa), S2C, T0)
+    assert [P.parse(s.data).payload_len for s in sends(out, "data")] == [1000, 1000, 1000]
