@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/bench_syn.py [--n 50000]
 
-Per SYN: parse + cookie + SYN-ACK build with checksums (engine.handle_raw).
+Per SYN: parse + rate-limit check + cookie + SYN-ACK build with checksums
+(engine.handle_raw), each SYN from another source address as in a spoofed flood.
 Per ACK: parse + exact cookie validation, with the result discarded so no state
 accumulates (a bogus ACK: the cost an ACK flood imposes; and a valid one).
 Per data packet: parse + translation of an established connection.
@@ -41,8 +42,12 @@ def main() -> None:
     rows = []
     for family, cli, srv in ((4, "198.18.0.2", "198.18.1.2"), (6, "fd53:5059::2", "fd53:5059:1::2")):
         c, s = P.addr_bytes(cli), P.addr_bytes(srv)
+
+        def source(i: int) -> bytes:  # a different client address per SYN, as in a spoofed flood
+            return c[:-2] + (i % 65536).to_bytes(2, "big")
+
         syns = [
-            P.build(family, c, s, 1024 + i % 60000, 80, i * 7919, 0, SYN, 64240,
+            P.build(family, source(i), s, 1024 + i % 60000, 80, i * 7919, 0, SYN, 64240,
                     TcpOptions(mss=1460, wscale=7, sack_ok=True, ts=(i, 0)))
             for i in range(1000)
         ]
