@@ -50,8 +50,8 @@ _pack_u32 = struct.Struct("!I").pack_into
 _pack_u16 = struct.Struct("!H").pack_into
 _unpack_u32 = struct.Struct("!I").unpack_from
 _unpack_ts = struct.Struct("!II").unpack_from
-_pack_proto_len4 = struct.Struct("!xBH").pack
-_pack_len6 = struct.Struct("!IxxxB").pack
+_pack_v4_tcp = struct.Struct("!BBHHHBBH4s4sHHIIBBHHH").pack
+_pack_v6_tcp = struct.Struct("!IHBB16s16sHHIIBBHHH").pack
 
 
 class PacketError(ValueError):
@@ -110,6 +110,9 @@ class Packet:
         return self.flags & flags == flags
 
 
+_NO_OPTIONS = TcpOptions()  # shared by every packet without options: treat as read-only
+
+
 def parse(data: bytes) -> Packet:
     """Parse one IPv4 or IPv6 packet carrying TCP. Raises PacketError otherwise."""
     if not data:
@@ -158,21 +161,9 @@ def parse(data: bytes) -> Packet:
     if thl < 20 or tcp_offset + thl > end:
         raise PacketError("bad_tcp_header", f"data offset {thl}")
     pkt = Packet(
-        raw=data if len(data) == end else bytes(data[:end]),
-        family=family,
-        src=src,
-        dst=dst,
-        sport=sport,
-        dport=dport,
-        seq=seq,
-        ack=ack,
-        flags=flags,
-        window=window,
-        urgent=urgent,
-        options=TcpOptions(),
-        tcp_offset=tcp_offset,
-        tcp_header_len=thl,
-        payload_len=end - tcp_offset - thl,
+        data if len(data) == end else bytes(data[:end]), family, src, dst, sport, dport, seq, ack,
+        flags, window, urgent, _NO_OPTIONS if thl == 20 else TcpOptions(), tcp_offset, thl,
+        end - tcp_offset - thl,
     )
     if thl > 20:
         _parse_options(pkt)
@@ -305,28 +296,39 @@ def build(
     payload: bytes = b"",
     ttl: int = 64,
 ) -> bytes:
-    """Build a complete IPv4 or IPv6 packet with correct checksums."""
+    """Build a complete IPv4 or IPv6 packet with correct checksums.
+
+    One struct call packs both headers; the checksums are patched in after,
+    each a single big-integer sum (see `_ones_sum`). This runs once per SYN.
+    """
     opt = encode_options(options) if isinstance(options, TcpOptions) else (options or b"")
     thl = 20 + len(opt)
     tcp_len = thl + len(payload)
-    seq &= _U32
-    ack &= _U32
-    offset = (thl // 4) << 4
-    # The pseudo-header and a zero-checksum header are summed with the rest in one go.
     if family == 4:
-        pseudo = src + dst + _pack_proto_len4(PROTO_TCP, tcp_len)
+        buf = bytearray(_pack_v4_tcp(
+            0x45, 0, 20 + tcp_len, 0, 0x4000, ttl, PROTO_TCP, 0, src, dst,
+            sport, dport, seq & _U32, ack & _U32, (thl // 4) << 4, flags, window, 0, 0,
+        ))
+        t = 20
+        pseudo = int.from_bytes(src + dst, "big") + PROTO_TCP + tcp_len
+        _pack_u16(buf, 10, ~(int.from_bytes(buf[:20], "big") % 0xFFFF) & 0xFFFF)
     else:
-        pseudo = src + dst + _pack_len6(tcp_len, PROTO_TCP)
-    body = pseudo + _pack_tcp(sport, dport, seq, ack, offset, flags, window, 0, 0) + opt + payload
+        buf = bytearray(_pack_v6_tcp(
+            6 << 28, tcp_len, PROTO_TCP, ttl, src, dst,
+            sport, dport, seq & _U32, ack & _U32, (thl // 4) << 4, flags, window, 0, 0,
+        ))
+        t = 40
+        pseudo = int.from_bytes(src + dst, "big") + PROTO_TCP + tcp_len
+    buf += opt
+    if payload:
+        buf += payload
+        if len(payload) % 2:
+            buf += b"\0"  # checksum padding, cut again below
+    total = (pseudo + int.from_bytes(buf[t:], "big")) % 0xFFFF
+    _pack_u16(buf, t + 16, ~total & 0xFFFF)
     if len(payload) % 2:
-        body += b"\0"
-    csum = ~(int.from_bytes(body, "big") % 0xFFFF) & 0xFFFF
-    tcp = _pack_tcp(sport, dport, seq, ack, offset, flags, window, csum, 0) + opt + payload
-    if family == 4:
-        hdr = _pack_ipv4(0x45, 0, 20 + tcp_len, 0, 0x4000, ttl, PROTO_TCP, 0, src, dst)
-        hcs = ~(int.from_bytes(hdr, "big") % 0xFFFF) & 0xFFFF
-        return _pack_ipv4(0x45, 0, 20 + tcp_len, 0, 0x4000, ttl, PROTO_TCP, hcs, src, dst) + tcp
-    return _pack_ipv6(6 << 28, tcp_len, PROTO_TCP, ttl, src, dst) + tcp
+        del buf[-1]
+    return bytes(buf)
 
 
 def rewrite(
