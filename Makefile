@@ -1,0 +1,44 @@
+# synproxy: `make demo` runs the proxy on a built-in lab, `make test` runs the tests.
+# Both set everything up themselves (apt packages, a venv, the package) and are
+# quiet when that is already done.
+
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := libnetfilter-queue-dev libnfnetlink-dev iptables nftables iproute2 conntrack \
+                hping3 tcpdump prometheus build-essential
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+
+.PHONY: install apt-packages test demo bench clean
+
+install: apt-packages $(STAMP)
+
+apt-packages:
+	@missing=$$(for p in $(APT_PACKAGES); do \
+	    dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	    echo "installing apt packages:" $$missing; \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+$(STAMP): pyproject.toml | apt-packages
+	@[ -x $(PY) ] || python3 -m venv $(VENV)
+	@echo "installing synproxy and its Python dependencies into $(VENV)"
+	@$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+# pytest exits 5 when it collected no test: that must fail, not pass.
+test: install
+	@$(PY) -m pytest -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+demo: install
+	@$(VENV)/bin/synproxy demo
+
+bench: install
+	@$(PY) bench/bench_syn.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

@@ -1,0 +1,186 @@
+"""The `synproxy` command line.
+
+Every option of `run` is also an environment variable (shown in --help) and a
+key of the TOML config file (`--config`, default /etc/synproxy/synproxy.toml):
+the long flag name with dashes as underscores. Precedence: flag, environment,
+config file, built-in default.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from . import __version__
+
+DEFAULT_CONFIG = Path("/etc/synproxy/synproxy.toml")
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """One clear sentence for the operator and a non-zero exit."""
+    click.echo(f"synproxy: {message}", err=True)
+    sys.exit(code)
+
+
+class AutoOrInt(click.ParamType):
+    """'auto' or an integer in [low, high]; 'auto' becomes None."""
+
+    def __init__(self, low: int, high: int) -> None:
+        self.low, self.high = low, high
+        self.name = f"auto|{low}-{high}"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | None:
+        if value is None or value == "auto":
+            return None
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is neither 'auto' nor a number", param, ctx)
+        if not self.low <= number <= self.high:
+            self.fail(f"{number} is outside {self.low}..{self.high}", param, ctx)
+        return number
+
+
+def load_config(path: Path, explicit: bool) -> dict[str, Any]:
+    """The config file as a click default_map; a missing default file is fine."""
+    if not path.exists():
+        if explicit:
+            fail(f"config file {path} does not exist")
+        return {}
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        fail(f"cannot read config file {path}: {err}")
+    if not isinstance(data, dict):
+        fail(f"config file {path} must be a TOML table")
+    return data
+
+
+class ConfigGroup(click.Group):
+    """Reads --config before the subcommand parses, so the file supplies its defaults."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        config_path = ctx.params.get("config")
+        explicit = config_path is not None
+        path = Path(config_path) if explicit else DEFAULT_CONFIG
+        data = load_config(path, explicit)
+        if data:
+            ctx.default_map = self._default_map(ctx, data, path)
+        return super().invoke(ctx)
+
+    def _default_map(self, ctx: click.Context, data: dict[str, Any], path: Path) -> dict[str, Any]:
+        """File keys (long option names, underscores) -> each command's parameter names."""
+        known: set[str] = set()
+
+        def for_command(cmd: click.Command) -> dict[str, Any]:
+            if isinstance(cmd, click.Group):
+                return {name: for_command(sub) for name, sub in cmd.commands.items()}
+            out: dict[str, Any] = {}
+            for param in cmd.params:
+                for opt in getattr(param, "opts", []):
+                    key = opt.lstrip("-").replace("-", "_")
+                    if key in data and param.name:
+                        out[param.name] = data[key]
+                        known.add(key)
+            return out
+
+        mapping = {name: for_command(cmd) for name, cmd in self.commands.items()}
+        unknown = sorted(set(data) - known - {"config", "log_level"})
+        if unknown:
+            fail(f"unknown key(s) in {path}: {', '.join(unknown)}", 2)
+        return mapping
+
+
+@click.group(cls=ConfigGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="synproxy")
+@click.option(
+    "--config", type=click.Path(dir_okay=False), default=None, envvar="SYNPROXY_CONFIG", show_envvar=True,
+    help=f"TOML config file; keys are long option names with underscores. [default: {DEFAULT_CONFIG}]",
+)
+@click.option(
+    "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+    envvar="SYNPROXY_LOG_LEVEL", show_envvar=True, show_default=True,
+)
+def main(config: str | None, log_level: str) -> None:
+    """synproxy: a transparent SYN-proxy firewall on netfilter queues.
+
+    It answers SYNs for protected ports with cookie SYN-ACKs (no state per SYN),
+    validates the client's ACK exactly, replays the handshake to the server with
+    the client's own options and translates the connection for its life.
+    """
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper()), format="%(asctime)s synproxy %(levelname)s %(message)s"
+    )
+
+
+def _need_root(what: str) -> None:
+    if os.geteuid() != 0:
+        fail(f"{what} needs root (or CAP_NET_ADMIN and CAP_NET_RAW); run it with sudo")
+
+
+@main.command()
+@click.option("--port", "ports", type=click.IntRange(1, 65535), multiple=True, envvar="SYNPROXY_PORT",
+              show_envvar=True, help="Protected TCP port; repeat for several (env: space separated).")
+@click.option("--queue", type=click.IntRange(0, 65535), default=0, show_default=True, envvar="SYNPROXY_QUEUE",
+              show_envvar=True, help="NFQUEUE number this worker serves.")
+@click.option("--mode", type=click.Choice(["local", "gateway"]), default="local", show_default=True,
+              envvar="SYNPROXY_MODE", show_envvar=True,
+              help="local: on the server's host; gateway: on a router in front of it.")
+@click.option("--wscale", type=AutoOrInt(0, 14), default="auto", show_default=True, envvar="SYNPROXY_WSCALE",
+              show_envvar=True, help="Window scale advertised to clients; auto mimics the server's.")
+@click.option("--mss", type=AutoOrInt(536, 65535), default="auto", show_default=True, envvar="SYNPROXY_MSS",
+              show_envvar=True, help="MSS advertised to clients; auto mimics the server's.")
+@click.option("--key-file", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("/var/lib/synproxy/cookie.key"), show_default=True, envvar="SYNPROXY_KEY_FILE",
+              show_envvar=True, help="Cookie key file shared by all workers (created 0600 if missing).")
+@click.option("--metrics-addr", default="127.0.0.1:9531", show_default=True, envvar="SYNPROXY_METRICS_ADDR",
+              show_envvar=True, help="HOST:PORT of the Prometheus exporter; 'off' disables it.")
+@click.option("--rules/--no-rules", "install_rules", default=True, show_default=True, envvar="SYNPROXY_RULES",
+              show_envvar=True, help="Install the firewall rules at start and remove them on a clean stop.")
+@click.option("--backend-timeout", type=click.FloatRange(0.1, 60), default=3.0, show_default=True,
+              envvar="SYNPROXY_BACKEND_TIMEOUT", show_envvar=True,
+              help="Seconds to wait for the server's SYN-ACK before resetting the client.")
+@click.option("--idle-timeout", type=click.FloatRange(1), default=7440.0, show_default=True,
+              envvar="SYNPROXY_IDLE_TIMEOUT", show_envvar=True,
+              help="Seconds an established connection may be idle before its state is dropped.")
+def run(
+    ports: tuple[int, ...], queue: int, mode: str, wscale: int | None, mss: int | None, key_file: Path,
+    metrics_addr: str, install_rules: bool, backend_timeout: float, idle_timeout: float,
+) -> None:
+    """Run the proxy on one NFQUEUE until SIGTERM or Ctrl-C."""
+    from .daemon import RunOptions, run as run_daemon
+    from .keys import KeyFileError
+    from .metrics import parse_addr
+    from .shell import ShellError
+
+    if not ports:
+        fail("no protected port: give --port P (or port = [P] in the config file)", 2)
+    if metrics_addr != "off":
+        try:
+            parse_addr(metrics_addr)
+        except ValueError as err:
+            fail(str(err), 2)
+    _need_root("synproxy run")
+    opts = RunOptions(
+        ports=tuple(sorted(set(ports))), queue=queue, mode=mode, wscale=wscale, mss=mss, key_file=key_file,
+        metrics_addr=None if metrics_addr == "off" else metrics_addr, install_rules=install_rules,
+        backend_timeout=backend_timeout, idle_timeout=idle_timeout,
+    )
+    errors: tuple[type[Exception], ...] = (ShellError, KeyFileError, OSError)
+    try:
+        from .rules import RulesError
+
+        errors = (*errors, RulesError)
+    except ImportError:
+        pass
+    try:
+        run_daemon(opts)
+    except errors as err:
+        fail(str(err))
