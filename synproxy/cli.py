@@ -184,3 +184,126 @@ def run(
         run_daemon(opts)
     except errors as err:
         fail(str(err))
+
+
+# ---------------------------------------------------------------- rules
+
+
+def _rule_config(ports: tuple[int, ...], queue: int, queues: int, mode: str, mark: int, bypass: bool) -> Any:
+    from .rules import Mode, RuleConfig, RulesError
+
+    if not ports:
+        fail("no protected port: give --port P (or port = [P] in the config file)", 2)
+    try:
+        return RuleConfig(ports=tuple(sorted(set(ports))), queue=queue, queues=queues, mode=Mode(mode),
+                          mark=mark, bypass=bypass)
+    except RulesError as err:
+        fail(str(err), 2)
+
+
+def _backend(name: str | None) -> Any:
+    from .rules import Backend, RulesError, detect_backend
+
+    try:
+        return Backend(name) if name else detect_backend()
+    except RulesError as err:
+        fail(str(err))
+
+
+def _rule_options(func: Any) -> Any:
+    """The options that define a rule set, shared by install and show."""
+    options = [
+        click.option("--port", "ports", type=click.IntRange(1, 65535), multiple=True, envvar="SYNPROXY_PORT",
+                     show_envvar=True, help="Protected TCP port; repeat for several."),
+        click.option("--queue", type=click.IntRange(0, 65535), default=0, show_default=True,
+                     envvar="SYNPROXY_QUEUE", show_envvar=True, help="First NFQUEUE number."),
+        click.option("--queues", type=click.IntRange(1, 64), default=1, show_default=True,
+                     envvar="SYNPROXY_QUEUES", show_envvar=True,
+                     help="Number of queues (one worker each), balanced by address (--queue-balance)."),
+        click.option("--mode", type=click.Choice(["local", "gateway"]), default="local", show_default=True,
+                     envvar="SYNPROXY_MODE", show_envvar=True),
+        click.option("--mark", type=click.IntRange(1, 2**32 - 1), default=0x5350, show_default=True,
+                     envvar="SYNPROXY_MARK", show_envvar=True, help="Mark of the proxy's own packets."),
+        click.option("--queue-bypass", "bypass", is_flag=True, envvar="SYNPROXY_QUEUE_BYPASS", show_envvar=True,
+                     help="Fail open: pass traffic unprotected when no proxy is bound (see README)."),
+        click.option("--backend", type=click.Choice(["iptables", "nft"]), default=None,
+                     envvar="SYNPROXY_BACKEND", show_envvar=True, help="Firewall tool [default: detected]."),
+    ]
+    for opt in reversed(options):
+        func = opt(func)
+    return func
+
+
+@main.group()
+def rules() -> None:
+    """Install, remove or show the firewall rules that feed the proxy."""
+
+
+@rules.command("install")
+@_rule_options
+@click.option("--dry-run", is_flag=True, help="Print the exact rules instead of installing them.")
+@click.option("--replace", is_flag=True, help="Replace synproxy rules of another configuration.")
+def rules_install(ports: tuple[int, ...], queue: int, queues: int, mode: str, mark: int, bypass: bool,
+                  backend: str | None, dry_run: bool, replace: bool) -> None:
+    """Install synproxy's own chains (iptables) or table (nft); idempotent."""
+    from .rules import RulesError, install, render
+
+    cfg = _rule_config(ports, queue, queues, mode, mark, bypass)
+    chosen = _backend(backend)
+    if dry_run:
+        click.echo(render(cfg, chosen), nl=False)
+        return
+    _need_root("synproxy rules install")
+    try:
+        changed = install(cfg, chosen, replace=replace)
+    except RulesError as err:
+        fail(str(err))
+    click.echo(f"{chosen.value} rules {'installed' if changed else 'already installed'} "
+               f"(config {cfg.fingerprint}, {mode} mode, ports {','.join(map(str, cfg.ports))})")
+
+
+@rules.command("remove")
+@click.option("--backend", type=click.Choice(["iptables", "nft"]), default=None, envvar="SYNPROXY_BACKEND",
+              show_envvar=True, help="Firewall tool [default: detected].")
+def rules_remove(backend: str | None) -> None:
+    """Remove synproxy's rules; every other rule is left untouched."""
+    from .rules import RulesError, remove
+
+    _need_root("synproxy rules remove")
+    chosen = _backend(backend)
+    try:
+        removed = remove(chosen)
+    except RulesError as err:
+        fail(str(err))
+    click.echo(f"{chosen.value} rules {'removed' if removed else 'were not installed'}")
+
+
+@rules.command("show")
+@_rule_options
+def rules_show(ports: tuple[int, ...], queue: int, queues: int, mode: str, mark: int, bypass: bool,
+               backend: str | None) -> None:
+    """Show the installed rules and whether they match the configuration."""
+    from .rules import RulesError, show
+
+    _need_root("synproxy rules show")
+    chosen = _backend(backend)
+    cfg = _rule_config(ports, queue, queues, mode, mark, bypass) if ports else None
+    try:
+        found = show(chosen)
+    except RulesError as err:
+        fail(str(err))
+    mismatch = False
+    for family, inst in found:
+        if not inst.present:
+            click.echo(f"{family}: no synproxy rules installed")
+            mismatch = mismatch or cfg is not None
+            continue
+        state = ""
+        if cfg is not None:
+            ok = inst.fingerprint == cfg.fingerprint
+            mismatch = mismatch or not ok
+            state = " (matches the configuration)" if ok else " (DIFFERENT from the configuration)"
+        click.echo(f"{family}: installed, config {inst.fingerprint}{state}")
+        click.echo(inst.text.rstrip())
+    if mismatch:
+        sys.exit(3)

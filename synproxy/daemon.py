@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import __version__
 from .cookie import CookieMaker
 from .engine import BackendProfile, Engine, EngineConfig
 from .keys import KeyFileWatcher, KeyRing, load_or_create
@@ -63,8 +65,6 @@ def run(opts: RunOptions) -> None:
     from .metrics import SynproxyCollector, serve
     from .shell import Shell
 
-    import time
-
     keyring = load_or_create(opts.key_file, time.time())
     engine = build_engine(opts, keyring)
     watcher = KeyFileWatcher(opts.key_file, known=keyring)
@@ -84,28 +84,31 @@ def run(opts: RunOptions) -> None:
             SynproxyCollector(engine, shell.stats, opts.queue, lambda now: current["ring"].age(now))
         )
         serve(registry, opts.metrics_addr)
-    rule_cfg = None
-    if opts.install_rules:
-        from . import rules
+    from . import rules
 
-        rule_cfg = rules.RuleConfig(
-            ports=tuple(opts.ports), queue=opts.queue, mode=rules.Mode(opts.mode), mark=opts.mark
+    installed: list[rules.Backend] = []
+
+    def on_bound() -> None:
+        """The queue has a reader: now the rules may send traffic to it."""
+        if opts.install_rules:
+            cfg = rules.RuleConfig(
+                ports=tuple(opts.ports), queue=opts.queue, mode=rules.Mode(opts.mode), mark=opts.mark
+            )
+            backend = rules.Backend(opts.rules_backend) if opts.rules_backend else rules.detect_backend()
+            rules.install(cfg, backend)
+            installed.append(backend)
+            log.info("installed %s rules (config %s)", backend.value, cfg.fingerprint)
+        else:
+            log.info("not installing rules (--no-rules): they must already be in place")
+        log.info(
+            "synproxy %s serving ports %s on queue %d (%s mode), pid %d",
+            __version__, ",".join(map(str, opts.ports)), opts.queue, opts.mode, os.getpid(),
         )
-        backend = opts.rules_backend or rules.detect_backend()
-        rules.install(rule_cfg, backend)
-    log.info(
-        "synproxy %s serving ports %s on queue %d (%s mode), pid %d",
-        _version(), ",".join(map(str, opts.ports)), opts.queue, opts.mode, os.getpid(),
-    )
+
     try:
-        shell.run()
+        shell.run(on_bound=on_bound)
     finally:
-        if rule_cfg is not None:
-            rules.remove(backend)  # noqa: F821 - imported above when rules were installed
+        for backend in installed:
+            rules.remove(backend)
+            log.info("removed the %s rules", backend.value)
         log.info("stopped; %d connections were open", len(engine.conns))
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__

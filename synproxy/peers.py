@@ -192,17 +192,21 @@ def get(url: str, timeout: float = 30.0) -> dict[str, object]:
     resp = conn.getresponse()
     h = hashlib.sha256()
     size = 0
+    head = b""
     while True:
         piece = resp.read(CHUNK)
         if not piece:
             break
         h.update(piece)
         size += len(piece)
+        if len(head) < 4096:
+            head += piece[: 4096 - len(head)]
     conn.close()
     end = time.perf_counter()
     return {
         "status": resp.status, "bytes": size, "sha256": h.hexdigest(),
         "connect_s": connected - start, "total_s": end - start,
+        "body": head.decode(errors="replace") if size <= 4096 else None,
     }
 
 

@@ -158,8 +158,12 @@ class Shell:
                 self.on_tick(now)
         self._service_due = self._next_tick if deadline is None else min(deadline, self._next_tick)
 
-    def run(self) -> None:
-        """Serve the queue until SIGTERM/SIGINT or `stop()`."""
+    def run(self, on_bound: Callable[[], None] | None = None) -> None:
+        """Serve the queue until SIGTERM/SIGINT or `stop()`.
+
+        `on_bound` runs once the queue is bound (the daemon installs its rules
+        then, so no packet is queued before a reader exists).
+        """
         from netfilterqueue import NetfilterQueue
 
         nfq = NetfilterQueue()
@@ -179,6 +183,13 @@ class Shell:
         finally:
             nl.detach()
         old = {s: signal.signal(s, self.stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        if on_bound is not None:
+            try:
+                on_bound()
+            except BaseException:
+                nfq.unbind()
+                self.sender.close()
+                raise
         poller = select.poll()
         poller.register(fd, select.POLLIN)
         try:

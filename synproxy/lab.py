@@ -1,0 +1,240 @@
+"""A lab of real hosts in network namespaces: clients, an optional router, a server.
+
+    with Lab(mode="local") as lab:           # client(s) <-> server
+        lab.run("client", ["curl", ...])
+    with Lab(mode="gateway") as lab:         # client(s) <-> router <-> server
+
+Every namespace and interface name carries a random run id, so parallel runs
+never collide; everything is torn down on exit, on an exception and at
+interpreter exit, and `cleanup_stale()` removes what a killed run left behind.
+Addresses come from 198.18.0.0/15 (RFC 2544, benchmarking) and the ULA
+fd53:5059::/32; traffic never leaves the namespaces the lab made.
+
+Clients sit on a bridge in a "switch" namespace so several of them (a
+legitimate client, an attacker, ...) share the link to the server or router.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import secrets
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PREFIX = "spx"
+REGISTRY = Path("/run/synproxy-lab")
+V4_CLIENT_NET = "198.18.{n}.0/24"
+V6_CLIENT_NET = "fd53:5059:{n:x}::/64"
+
+
+class LabError(RuntimeError):
+    pass
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", *args], check=check, capture_output=True, text=True)
+
+
+@dataclass
+class Host:
+    name: str  # logical: client, client2, router, server, switch
+    netns: str
+    v4: str = ""
+    v6: str = ""
+
+
+@dataclass
+class Lab:
+    """Build on __enter__, tear down on __exit__ (or `close()`)."""
+
+    mode: str = "local"
+    clients: int = 1
+    mtu: int = 1500
+    run_id: str = field(default_factory=lambda: secrets.token_hex(3))
+    hosts: dict[str, Host] = field(default_factory=dict)
+    _procs: list[subprocess.Popen[Any]] = field(default_factory=list)
+    _closed: bool = False
+
+    # ------------------------------------------------------------ build and teardown
+
+    def __enter__(self) -> Lab:
+        if self.mode not in ("local", "gateway"):
+            raise LabError(f"unknown lab mode {self.mode!r}")
+        cleanup_stale()
+        REGISTRY.mkdir(parents=True, exist_ok=True)
+        (REGISTRY / self.run_id).write_text(str(os.getpid()))
+        atexit.register(self.close)
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _ns(self, role: str) -> str:
+        return f"{PREFIX}{self.run_id}{role}"
+
+    def _add_host(self, name: str, role: str) -> Host:
+        host = Host(name, self._ns(role))
+        _ip("netns", "add", host.netns)
+        self.hosts[name] = host
+        self.run(name, ["ip", "link", "set", "lo", "up"])
+        for key, value in (
+            ("net.ipv4.tcp_no_metrics_save", "1"),  # no TCP metrics from earlier runs: each test starts clean
+            ("net.ipv6.conf.all.accept_dad", "0"),
+            ("net.ipv6.conf.default.accept_dad", "0"),
+        ):
+            self.sysctl(name, key, value)
+        return host
+
+    def _veth(self, a: Host, a_if: str, b: Host, b_if: str) -> None:
+        _ip("link", "add", a_if, "netns", a.netns, "type", "veth", "peer", "name", b_if, "netns", b.netns)
+        for host, ifname in ((a, a_if), (b, b_if)):
+            self.run(host.name, ["ip", "link", "set", ifname, "mtu", str(self.mtu), "up"])
+
+    def _addr(self, host: Host, ifname: str, v4: str, v6: str) -> None:
+        self.run(host.name, ["ip", "addr", "add", v4, "dev", ifname])
+        self.run(host.name, ["ip", "-6", "addr", "add", v6, "dev", ifname, "nodad"])
+        host.v4, host.v6 = v4.split("/")[0], v6.split("/")[0]
+
+    def _build(self) -> None:
+        rid = self.run_id
+        server = self._add_host("server", "s")
+        switch = self._add_host("switch", "w")
+        self.run("switch", ["ip", "link", "add", "br0", "type", "bridge"])
+        self.run("switch", ["ip", "link", "set", "br0", "up"])
+        # The host the clients reach: the server itself (local) or the router (gateway).
+        if self.mode == "gateway":
+            router = self._add_host("router", "r")
+            self._veth(router, "eth1", server, "eth0")
+            self._addr(router, "eth1", "198.19.0.1/24", "fd53:5059:ffff::1/64")
+            self._addr(server, "eth0", "198.19.0.2/24", "fd53:5059:ffff::2/64")
+            self.sysctl("router", "net.ipv4.ip_forward", "1")
+            self.sysctl("router", "net.ipv6.conf.all.forwarding", "1")
+            self.run("server", ["ip", "route", "add", "default", "via", "198.19.0.1"])
+            self.run("server", ["ip", "-6", "route", "add", "default", "via", "fd53:5059:ffff::1"])
+            front, front_if = router, "eth0"
+        else:
+            front, front_if = server, "eth0"
+        self._veth(front, front_if, switch, f"up{rid}")
+        self.run("switch", ["ip", "link", "set", f"up{rid}", "master", "br0"])
+        self._addr(front, front_if, "198.18.0.1/16", "fd53:5059::1/48")
+        for i in range(1, self.clients + 1):
+            name = "client" if i == 1 else f"client{i}"
+            client = self._add_host(name, f"c{i}")
+            self._veth(client, "eth0", switch, f"p{i}{rid}")
+            self.run("switch", ["ip", "link", "set", f"p{i}{rid}", "master", "br0"])
+            self._addr(client, "eth0", f"198.18.{i}.2/16", f"fd53:5059::{i:x}:2/48")
+            # Default routes so replies to spoofed flood sources leave quietly instead of erroring.
+            self.run(name, ["ip", "route", "add", "default", "via", "198.18.0.1"])
+            self.run(name, ["ip", "-6", "route", "add", "default", "via", "fd53:5059::1"])
+        if self.mode == "local":
+            self.run("server", ["ip", "route", "add", "default", "dev", "eth0"])
+            self.run("server", ["ip", "-6", "route", "add", "default", "dev", "eth0"])
+        else:
+            self.run("router", ["ip", "route", "add", "default", "dev", "eth0"])
+            self.run("router", ["ip", "-6", "route", "add", "default", "dev", "eth0"])
+
+    def close(self) -> None:
+        """Stop every process started in the lab and delete its namespaces (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        for proc in self._procs:
+            _stop(proc)
+        for host in self.hosts.values():
+            _kill_netns_pids(host.netns)
+            _ip("netns", "del", host.netns, check=False)
+        (REGISTRY / self.run_id).unlink(missing_ok=True)
+        try:
+            atexit.unregister(self.close)
+        except Exception:  # pragma: no cover - interpreter shutting down
+            pass
+
+    # ------------------------------------------------------------ use
+
+    def netns(self, host: str) -> str:
+        return self.hosts[host].netns
+
+    def addr(self, host: str, family: int = 4) -> str:
+        h = self.hosts[host]
+        return h.v4 if family == 4 else h.v6
+
+    def cmd(self, host: str, argv: list[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.hosts[host].netns, *argv]
+
+    def run(
+        self, host: str, argv: list[str], check: bool = True, timeout: float = 60.0, **kw: Any
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a command in a host; output captured as text."""
+        res = subprocess.run(self.cmd(host, argv), capture_output=True, text=True, timeout=timeout, **kw)
+        if check and res.returncode != 0:
+            raise LabError(f"{host}: {' '.join(argv)} exited {res.returncode}: {res.stderr.strip()}")
+        return res
+
+    def popen(self, host: str, argv: list[str], **kw: Any) -> subprocess.Popen[Any]:
+        """Start a background process in a host; it is stopped at teardown."""
+        kw.setdefault("stdout", subprocess.DEVNULL)
+        kw.setdefault("stderr", subprocess.DEVNULL)
+        proc = subprocess.Popen(self.cmd(host, argv), start_new_session=True, **kw)
+        self._procs.append(proc)
+        return proc
+
+    def sysctl(self, host: str, key: str, value: str) -> None:
+        self.run(host, ["sysctl", "-q", "-w", f"{key}={value}"])
+
+
+def _stop(proc: subprocess.Popen[Any]) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(5)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(5)
+
+
+def _kill_netns_pids(netns: str) -> None:
+    res = _ip("netns", "pids", netns, check=False)
+    for pid in res.stdout.split():
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+    if res.stdout.strip():
+        time.sleep(0.05)
+
+
+def cleanup_stale() -> list[str]:
+    """Delete lab namespaces whose creating process is gone; returns their names."""
+    removed: list[str] = []
+    if not REGISTRY.exists():
+        return removed
+    existing = _ip("netns", "list", check=False).stdout.split("\n")
+    names = [line.split()[0] for line in existing if line.strip()]
+    for entry in REGISTRY.iterdir():
+        try:
+            pid = int(entry.read_text())
+            os.kill(pid, 0)
+            continue  # still alive: not stale
+        except (ValueError, ProcessLookupError, OSError):
+            pass
+        for name in names:
+            if name.startswith(f"{PREFIX}{entry.name}"):
+                _kill_netns_pids(name)
+                _ip("netns", "del", name, check=False)
+                removed.append(name)
+        entry.unlink(missing_ok=True)
+    return removed

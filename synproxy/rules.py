@@ -1,0 +1,317 @@
+"""The firewall rules that send protected traffic to the proxy, for iptables or nft.
+
+Rules live only in synproxy's own chains (iptables: SYNPROXY_PY_PRE/OUT in the
+raw table, one jump rule each from PREROUTING/OUTPUT) or its own table (nft:
+`inet synproxy_py`), rendered from the templates in the top-level `rules/`
+directory. Installing is idempotent; a configuration is fingerprinted in a
+comment so installing a *different* one is refused unless asked to replace it,
+and `show` can say whether what is installed matches. Removing touches nothing
+but synproxy's own rules.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from enum import Enum
+from importlib import resources
+from pathlib import Path
+from string import Template
+
+CHAIN_PRE = "SYNPROXY_PY_PRE"
+CHAIN_OUT = "SYNPROXY_PY_OUT"
+NFT_TABLE = "synproxy_py"
+DEFAULT_MARK = 0x5350
+
+
+class Mode(Enum):
+    LOCAL = "local"  # the proxy runs on the server's host
+    GATEWAY = "gateway"  # the proxy runs on a router in front of the server
+
+
+class Backend(Enum):
+    IPTABLES = "iptables"
+    NFT = "nft"
+
+
+class RulesError(RuntimeError):
+    """One sentence the operator can act on."""
+
+
+@dataclass(frozen=True)
+class RuleConfig:
+    ports: tuple[int, ...]
+    queue: int = 0
+    queues: int = 1  # several workers: queues queue..queue+queues-1, balanced by address
+    mode: Mode = Mode.LOCAL
+    mark: int = DEFAULT_MARK
+    bypass: bool = False  # fail open when no proxy is bound to the queue (risky: see README)
+
+    def __post_init__(self) -> None:
+        if not self.ports:
+            raise RulesError("at least one protected port is required")
+        for port in self.ports:
+            if not 1 <= port <= 65535:
+                raise RulesError(f"port {port} is outside 1..65535")
+        if self.queues < 1 or not 0 <= self.queue <= 65535 - (self.queues - 1):
+            raise RulesError(f"queues {self.queue}..{self.queue + self.queues - 1} are outside 0..65535")
+        if not 0 < self.mark < 2**32:
+            raise RulesError(f"mark {self.mark:#x} must be a non-zero 32-bit value")
+
+    @property
+    def fingerprint(self) -> str:
+        """Short id of this configuration, stored with the installed rules."""
+        text = f"{sorted(set(self.ports))}|{self.queue}|{self.queues}|{self.mode.value}|{self.mark}|{self.bypass}"
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def template_text(name: str) -> str:
+    """A template from `rules/` (the repository's, or the copy installed with the package)."""
+    repo = Path(__file__).resolve().parent.parent / "rules" / name
+    if repo.exists():
+        return repo.read_text()
+    return resources.files("synproxy").joinpath("_rules", name).read_text()
+
+
+def _iptables_vars(cfg: RuleConfig) -> dict[str, str]:
+    ports = sorted(set(cfg.ports))
+    if len(ports) == 1:
+        dports, sports = f"--dport {ports[0]}", f"--sport {ports[0]}"
+    else:
+        joined = ",".join(map(str, ports))
+        dports, sports = f"-m multiport --dports {joined}", f"-m multiport --sports {joined}"
+    queue = f"--queue-num {cfg.queue}" if cfg.queues == 1 else f"--queue-balance {cfg.queue}:{cfg.queue + cfg.queues - 1}"
+    if cfg.bypass:
+        queue += " --queue-bypass"
+    return {"dports": dports, "sports": sports, "queue": queue, "mark": f"{cfg.mark:#x}"}
+
+
+def _nft_vars(cfg: RuleConfig) -> dict[str, str]:
+    ports = sorted(set(cfg.ports))
+    port_set = str(ports[0]) if len(ports) == 1 else "{ " + ", ".join(map(str, ports)) + " }"
+    queue = f"num {cfg.queue}" if cfg.queues == 1 else f"num {cfg.queue}-{cfg.queue + cfg.queues - 1}"
+    if cfg.bypass:
+        queue += " bypass"
+    return {"ports": port_set, "queue": queue, "mark": f"{cfg.mark:#x}"}
+
+
+def render(cfg: RuleConfig, backend: Backend) -> str:
+    """The exact rules `install` would load (what `--dry-run` prints)."""
+    if backend is Backend.IPTABLES:
+        text = Template(template_text(f"iptables-{cfg.mode.value}.tmpl")).substitute(_iptables_vars(cfg))
+        jumps = "".join(
+            f'# then, for iptables and ip6tables alike (replacing any earlier jump):\n'
+            f'#   -t raw -I {hook} 1 -m comment --comment "{jump_comment(cfg)}" -j {chain}\n'
+            for hook, chain in (("PREROUTING", CHAIN_PRE), ("OUTPUT", CHAIN_OUT))
+        )
+        return text + jumps
+    text = Template(template_text(f"nft-{cfg.mode.value}.tmpl")).substitute(_nft_vars(cfg))
+    # The configuration fingerprint rides in the table's comment.
+    return text.replace(
+        f"table inet {NFT_TABLE} {{", f'table inet {NFT_TABLE} {{\n\tcomment "synproxy {cfg.fingerprint}"', 1
+    )
+
+
+def jump_comment(cfg: RuleConfig) -> str:
+    return f"synproxy {cfg.fingerprint}"
+
+
+# ---------------------------------------------------------------- running the tools
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        package = "nftables" if name == "nft" else "iptables"
+        raise RulesError(f"{name} not found: install the {package} package (or choose the other --backend)")
+    return path
+
+
+def _run(argv: list[str], stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run(argv, input=stdin, capture_output=True, text=True)
+    if check and res.returncode != 0:
+        raise RulesError(_explain(argv[0], res.stderr))
+    return res
+
+
+def _explain(tool: str, stderr: str) -> str:
+    text = " ".join(stderr.split())
+    name = os.path.basename(tool)
+    if "Permission denied" in text or "Operation not permitted" in text:
+        return f"{name} was refused: installing firewall rules needs root (CAP_NET_ADMIN)"
+    for needle, feature in (("NFQUEUE", "NFQUEUE (nfnetlink_queue, xt_NFQUEUE)"), ("CT", "the CT target (xt_CT)"),
+                            ("queue", "nft queue (nft_queue, nfnetlink_queue)"), ("notrack", "conntrack (nf_conntrack)"),
+                            ("addrtype", "the addrtype match (xt_addrtype)"), ("fib", "nft fib (nft_fib)")):
+        if needle in text and ("load" in text or "No such file" in text or "not supported" in text
+                               or "No chain/target/match" in text):
+            return f"the kernel lacks {feature}: load the module or use a kernel with netfilter queue support"
+    return f"{name} failed: {text or 'no message'}"
+
+
+def iptables_variant() -> str | None:
+    """'nf_tables' or 'legacy' for the system's iptables, None if there is none."""
+    path = shutil.which("iptables")
+    if path is None:
+        return None
+    out = _run([path, "--version"], check=False).stdout
+    return "nf_tables" if "nf_tables" in out else "legacy"
+
+
+def nft_can_queue() -> bool:
+    """Whether this kernel has nft's native queue statement (CONFIG_NFT_QUEUE).
+
+    Asked of the kernel itself: `nft -c` runs the transaction and aborts it.
+    Some kernels lack it while iptables' NFQUEUE target (also over nf_tables,
+    through the xt compatibility layer) works.
+    """
+    nft = shutil.which("nft")
+    if nft is None:
+        return False
+    probe = "table inet synproxy_probe { chain p { type filter hook prerouting priority raw; tcp dport 1 queue num 0; }; }"
+    return _run([nft, "-c", "-f", "-"], stdin=probe, check=False).returncode == 0
+
+
+def detect_backend() -> Backend:
+    """nft when the system's iptables is itself nf_tables-based (or absent) and the
+    kernel can queue from nft; iptables otherwise.
+
+    A host on legacy iptables keeps its rules in the tool its operators use.
+    """
+    variant = iptables_variant()
+    if variant == "legacy":
+        return Backend.IPTABLES
+    if nft_can_queue():
+        return Backend.NFT
+    if variant is not None:
+        return Backend.IPTABLES
+    raise RulesError("neither nft (with queue support) nor iptables was found: install the iptables package")
+
+
+# ---------------------------------------------------------------- install / remove / show
+
+
+@dataclass(frozen=True)
+class Installed:
+    """What `show` finds."""
+
+    present: bool
+    fingerprint: str | None  # of the configuration that installed them
+    text: str  # the rules as the tool lists them
+
+
+def _iptables_installed(binary: str) -> Installed:
+    save = _run([_tool(f"{binary}-save"), "-t", "raw"], check=False).stdout
+    ours = [line for line in save.splitlines() if "SYNPROXY_PY" in line]
+    fp = None
+    for line in ours:
+        m = re.search(r'--comment "?synproxy ([0-9a-f]{12})', line)
+        if m:
+            fp = m.group(1)
+    return Installed(bool(ours), fp, "\n".join(ours))
+
+
+def _nft_installed() -> Installed:
+    res = _run([_tool("nft"), "list", "table", "inet", NFT_TABLE], check=False)
+    if res.returncode != 0:
+        return Installed(False, None, "")
+    m = re.search(r'comment "synproxy ([0-9a-f]{12})"', res.stdout)
+    return Installed(True, m.group(1) if m else None, res.stdout)
+
+
+def show(backend: Backend) -> list[tuple[str, Installed]]:
+    """Installed synproxy rules per table family: [("ipv4", ...), ("ipv6", ...)] or [("inet", ...)]."""
+    if backend is Backend.NFT:
+        return [("inet", _nft_installed())]
+    return [("ipv4", _iptables_installed("iptables")), ("ipv6", _iptables_installed("ip6tables"))]
+
+
+def install(cfg: RuleConfig, backend: Backend, replace: bool = False) -> bool:
+    """Install the rules; False when exactly these were already there (nothing done).
+
+    Refuses, with RulesError, rules of another configuration unless `replace`.
+    """
+    installed = show(backend)
+    if all(i.present and i.fingerprint == cfg.fingerprint for _, i in installed):
+        return False
+    other = [i for _, i in installed if i.present and i.fingerprint != cfg.fingerprint]
+    if other and not replace:
+        raise RulesError(
+            "synproxy rules from another configuration are installed: "
+            "run `synproxy rules remove` first, or install with --replace"
+        )
+    if backend is Backend.NFT:
+        _nft_install(cfg)
+    else:
+        for binary in ("iptables", "ip6tables"):
+            _iptables_install(binary, cfg)
+    return True
+
+
+def _nft_install(cfg: RuleConfig) -> None:
+    nft = _tool("nft")
+    # One transaction: create-if-missing, delete, load — never a moment without rules.
+    script = f"table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\n{render(cfg, Backend.NFT)}"
+    _run([nft, "-f", "-"], stdin=script)
+
+
+def _iptables_install(binary: str, cfg: RuleConfig) -> None:
+    restore = _tool(f"{binary}-restore")
+    tool = _tool(binary)
+    _run([restore, "--noflush"], stdin=render(cfg, Backend.IPTABLES))
+    comment = jump_comment(cfg)
+    for hook, chain in (("PREROUTING", CHAIN_PRE), ("OUTPUT", CHAIN_OUT)):
+        _delete_jumps(tool, hook, chain)
+        _run([tool, "-w", "-t", "raw", "-I", hook, "1", "-m", "comment", "--comment", comment, "-j", chain])
+
+
+def _delete_jumps(tool: str, hook: str, chain: str) -> None:
+    """Delete every jump from a built-in chain to ours, whatever its comment."""
+    listing = _run([tool, "-w", "-t", "raw", "-S", hook], check=False).stdout
+    for line in listing.splitlines():
+        if line.startswith(f"-A {hook} ") and line.endswith(f"-j {chain}"):
+            rule = line.split()[2:]
+            _run([tool, "-w", "-t", "raw", "-D", hook, *_unquote(rule)], check=False)
+
+
+def _unquote(words: list[str]) -> list[str]:
+    """Re-join `-S` output words so quoted comments survive as one argument."""
+    out: list[str] = []
+    buf: list[str] = []
+    for w in words:
+        if buf:
+            buf.append(w)
+            if w.endswith('"'):
+                out.append(" ".join(buf).strip('"'))
+                buf = []
+        elif w.startswith('"') and not (w.endswith('"') and len(w) > 1):
+            buf = [w]
+        else:
+            out.append(w.strip('"'))
+    return out
+
+
+def remove(backend: Backend) -> bool:
+    """Remove synproxy's rules (only them); False when there were none."""
+    if backend is Backend.NFT:
+        if not _nft_installed().present:
+            return False
+        _run([_tool("nft"), "delete", "table", "inet", NFT_TABLE])
+        return True
+    found = False
+    for binary in ("iptables", "ip6tables"):
+        if not _iptables_installed(binary).present:
+            continue
+        found = True
+        tool = _tool(binary)
+        for hook, chain in (("PREROUTING", CHAIN_PRE), ("OUTPUT", CHAIN_OUT)):
+            _delete_jumps(tool, hook, chain)
+            _run([tool, "-w", "-t", "raw", "-F", chain], check=False)
+            _run([tool, "-w", "-t", "raw", "-X", chain], check=False)
+    return found

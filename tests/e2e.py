@@ -1,0 +1,145 @@
+"""Helpers for end-to-end tests: a proxied lab with a real server, real clients and `synproxy run`.
+
+The proxy is started exactly as an operator would (`synproxy run ...` in the
+namespace that holds it: the server's host in local mode, the router in
+gateway mode), and stopped with SIGTERM so it removes its rules.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from synproxy.lab import Lab
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+SYNPROXY = str(VENV_BIN / "synproxy")
+PYTHON = sys.executable
+SERVER_PORT = 8080
+SINK_PORT = 9000
+
+
+@dataclass
+class Proxied:
+    """A lab with a server, the proxy in front of it and handles to run clients."""
+
+    lab: Lab
+    mode: str
+    proxy_host: str
+    queue: int
+    metrics_port: int
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path = field(default_factory=lambda: Path(tempfile.mkstemp(prefix="synproxy-e2e-", suffix=".log")[1]))
+    key_file: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="synproxy-key-")) / "cookie.key")
+
+    def server_addr(self, family: int) -> str:
+        return self.lab.addr("server", family)
+
+    def url(self, family: int, path: str, port: int = SERVER_PORT) -> str:
+        host = self.server_addr(family)
+        return f"http://[{host}]:{port}{path}" if family == 6 else f"http://{host}:{port}{path}"
+
+    def client(self, *args: str, host: str = "client", timeout: float = 120.0) -> dict[str, object]:
+        """Run a peers client in a client namespace; its one JSON line."""
+        out = self.lab.run(host, [PYTHON, "-m", "synproxy.peers", *args], timeout=timeout)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    def start_proxy(self, *extra: str) -> None:
+        args = [
+            SYNPROXY, "run", "--port", str(SERVER_PORT), "--port", str(SINK_PORT), "--queue", str(self.queue),
+            "--mode", self.mode, "--key-file", str(self.key_file),
+            "--metrics-addr", f"127.0.0.1:{self.metrics_port}", *extra,
+        ]
+        log = self.log_path.open("ab")
+        self.proc = self.lab.popen(self.proxy_host, args, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"synproxy exited {self.proc.returncode}:\n{self.log()}")
+            if "serving ports" in self.log():
+                time.sleep(0.2)
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"synproxy did not start:\n{self.log()}")
+
+    def stop_proxy(self) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(5)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def metrics(self) -> dict[str, float]:
+        """The proxy's metrics (label sets folded into the name) read inside its namespace."""
+        out = self.lab.run(
+            self.proxy_host,
+            [PYTHON, "-c", f"import urllib.request,sys;sys.stdout.write(urllib.request.urlopen("
+                           f"'http://127.0.0.1:{self.metrics_port}/metrics',timeout=5).read().decode())"],
+        )
+        values: dict[str, float] = {}
+        for line in out.stdout.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                values[name] = float(value)
+        return values
+
+    def syn_recv(self) -> int:
+        """Half-open sockets on the server: what a flood that crossed the proxy would fill."""
+        out = self.lab.run("server", ["ss", "-Htan", "state", "syn-recv"])
+        return len([line for line in out.stdout.splitlines() if line.strip()])
+
+
+@contextmanager
+def proxied(mode: str, clients: int = 1, mtu: int = 1500, start: bool = True, **lab_kw: object) -> Iterator[Proxied]:
+    """A lab in `mode` with the lab server and sink running and (by default) the proxy started."""
+    with Lab(mode=mode, clients=clients, mtu=mtu, **lab_kw) as lab:  # type: ignore[arg-type]
+        px = Proxied(
+            lab=lab, mode=mode, proxy_host="server" if mode == "local" else "router",
+            queue=100 + os.getpid() % 1000, metrics_port=19000 + os.getpid() % 1000,
+        )
+        lab.popen("server", [PYTHON, "-m", "synproxy.peers", "server", "--port", str(SERVER_PORT)])
+        lab.popen("server", [PYTHON, "-m", "synproxy.peers", "sink", "--port", str(SINK_PORT)])
+        _wait_listening(lab, SERVER_PORT)
+        _wait_listening(lab, SINK_PORT)
+        try:
+            if start:
+                px.start_proxy()
+            yield px
+        finally:
+            px.stop_proxy()
+            shutil.rmtree(px.key_file.parent, ignore_errors=True)
+            if os.environ.get("SYNPROXY_E2E_KEEP_LOGS") is None:
+                px.log_path.unlink(missing_ok=True)
+
+
+def _wait_listening(lab: Lab, port: int) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        out = lab.run("server", ["ss", "-Htln", f"sport = :{port}"])
+        if out.stdout.strip():
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port} in the server namespace")
+
+
+def plain_addr(addr: str) -> str:
+    """'::ffff:198.18.0.2' (a v4 client on a dual-stack socket) -> '198.18.0.2'."""
+    return addr.removeprefix("::ffff:")
+
