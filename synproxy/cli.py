@@ -307,3 +307,25 @@ def rules_show(ports: tuple[int, ...], queue: int, queues: int, mode: str, mark:
         click.echo(inst.text.rstrip())
     if mismatch:
         sys.exit(3)
+
+
+# ---------------------------------------------------------------- demo
+
+
+@main.command()
+@click.option("--seconds", type=click.FloatRange(2, 120), default=10.0, show_default=True,
+              help="Length of each flood (unprotected, then protected).")
+@click.option("--short", is_flag=True, help="A 4-second run of each phase (used by the tests).")
+@click.option("--rate", type=click.IntRange(0), default=20000, show_default=True,
+              help="Flood rate in SYN/s; 0 = as fast as hping3 can (more than one Python worker handles).")
+@click.option("--hold", is_flag=True, help="Keep the lab up after the summary, until Ctrl-C.")
+def demo(seconds: float, short: bool, rate: int, hold: bool) -> None:
+    """Flood a legacy server in a built-in lab, unprotected and then behind synproxy."""
+    from .demo import run_demo
+
+    try:
+        run_demo(4.0 if short else seconds, click.echo, hold, rate)
+    except PermissionError as err:
+        fail(str(err))
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted: the lab has been torn down")

@@ -55,6 +55,8 @@ class Lab:
     mode: str = "local"
     clients: int = 1
     mtu: int = 1500
+    host_link: bool = False  # a veth from the host to the proxy's namespace (metrics, Prometheus)
+    host_addr: str = ""  # the proxy host's address on that link
     run_id: str = field(default_factory=lambda: secrets.token_hex(3))
     hosts: dict[str, Host] = field(default_factory=dict)
     _procs: list[subprocess.Popen[Any]] = field(default_factory=list)
@@ -143,6 +145,22 @@ class Lab:
             self.run("router", ["ip", "route", "add", "default", "dev", "eth0"])
             self.run("router", ["ip", "-6", "route", "add", "default", "dev", "eth0"])
 
+        if self.host_link:
+            self._link_host()
+
+    def _link_host(self) -> None:
+        """Reach the proxy's namespace from the host over a /30 of 198.19.100-249.0/24
+        (picked by run id, so two labs rarely share one): host .1, proxy host .2."""
+        target = self.hosts["router" if self.mode == "gateway" else "server"]
+        outside = f"{PREFIX}{self.run_id}h"
+        net = f"198.19.{100 + int(self.run_id[:2], 16) % 150}"
+        _ip("link", "add", outside, "type", "veth", "peer", "name", "host0", "netns", target.netns)
+        _ip("addr", "add", f"{net}.1/30", "dev", outside)
+        _ip("link", "set", outside, "up")
+        self.run(target.name, ["ip", "addr", "add", f"{net}.2/30", "dev", "host0"])
+        self.run(target.name, ["ip", "link", "set", "host0", "up"])
+        self.host_addr = f"{net}.2"
+
     def close(self) -> None:
         """Stop every process started in the lab and delete its namespaces (idempotent)."""
         if self._closed:
@@ -153,6 +171,8 @@ class Lab:
         for host in self.hosts.values():
             _kill_netns_pids(host.netns)
             _ip("netns", "del", host.netns, check=False)
+        if self.host_link:
+            _ip("link", "del", f"{PREFIX}{self.run_id}h", check=False)  # gone with its peer, normally
         (REGISTRY / self.run_id).unlink(missing_ok=True)
         try:
             atexit.unregister(self.close)

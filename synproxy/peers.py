@@ -4,6 +4,7 @@
     python -m synproxy.peers get URL [--expect-sha256 H]
     python -m synproxy.peers upload URL --size N
     python -m synproxy.peers many URL --count N [--concurrency C] [--timeout S]
+    python -m synproxy.peers loop URL --seconds S [--interval I] [--timeout T]
     python -m synproxy.peers sink --port 9000
     python -m synproxy.peers chunks HOST PORT --chunks 3,5 [--gap S]
 
@@ -249,6 +250,31 @@ def many(url: str, count: int, concurrency: int, timeout: float) -> dict[str, ob
     }
 
 
+def loop(url: str, seconds: float, interval: float, timeout: float) -> None:
+    """Start a GET every `interval` for `seconds` (each in its own thread, so a slow one
+    never delays the next); print one JSON line per finished attempt, as it finishes."""
+    lock = threading.Lock()
+
+    def attempt(started: float) -> None:
+        try:
+            res = get(url, timeout)
+            ok, ms = res["status"] == 200, float(res["connect_s"]) * 1000  # type: ignore[arg-type]
+        except OSError:
+            ok, ms = False, None
+        with lock:
+            print(json.dumps({"t": started, "ok": ok, "connect_ms": ms}), flush=True)
+
+    threads = []
+    start = time.monotonic()
+    while time.monotonic() - start < seconds:
+        t = threading.Thread(target=attempt, args=(time.monotonic() - start,), daemon=True)
+        t.start()
+        threads.append(t)
+        time.sleep(interval)
+    for t in threads:
+        t.join(timeout + 1)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m synproxy.peers", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -268,6 +294,11 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--count", type=int, required=True)
     m.add_argument("--concurrency", type=int, default=1)
     m.add_argument("--timeout", type=float, default=5.0)
+    lp = sub.add_parser("loop")
+    lp.add_argument("url")
+    lp.add_argument("--seconds", type=float, required=True)
+    lp.add_argument("--interval", type=float, default=0.2)
+    lp.add_argument("--timeout", type=float, default=3.0)
     k = sub.add_parser("sink")
     k.add_argument("--port", type=int, required=True)
     c = sub.add_parser("chunks")
@@ -279,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.cmd == "server":
         serve(args.port, args.rcvbuf, args.slow_read)
+        return 0
+    if args.cmd == "loop":
+        loop(args.url, args.seconds, args.interval, args.timeout)
         return 0
     if args.cmd == "sink":
         sink(args.port)

@@ -1,0 +1,32 @@
+"""`synproxy demo --short` as the README's `make demo` runs it: the flood is shed, nothing is left behind."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+
+def _netns() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
+def test_demo_short() -> None:
+    before = _netns()
+    synproxy = str(Path(sys.executable).parent / "synproxy")
+    res = subprocess.run([synproxy, "demo", "--short"], capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    m = re.search(r"legitimate connections\s+(\d+)/(\d+) \(\d+%\)\s+(\d+)/(\d+)", out)
+    assert m, out
+    plain_ok, plain_all, guarded_ok, guarded_all = map(int, m.groups())
+    assert guarded_all >= 20 and guarded_ok >= 0.9 * guarded_all, out
+    assert plain_ok < guarded_ok, out
+    assert "metrics: http://" in out
+    assert _netns() == before
