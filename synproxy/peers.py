@@ -24,6 +24,7 @@ import http.client
 import json
 import socket
 import statistics
+import struct
 import sys
 import threading
 import time
@@ -65,7 +66,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802
         if self.path == "/whoami":
-            body = json.dumps({"client": self.client_address[0], "port": self.client_address[1]}).encode()
+            body = json.dumps({"client": self.client_address[0], "port": self.client_address[1],
+                               "tcp": tcp_info(self.connection)}).encode()
             self._reply(body)
         elif self.path.startswith("/bytes/"):
             size = int(self.path.rsplit("/", 1)[1])
@@ -121,6 +123,18 @@ def serve(port: int, rcvbuf: int = 0, slow_read: float = 0.0) -> None:
     srv.serve_forever()
 
 
+def tcp_info(sock: socket.socket) -> dict[str, object]:
+    """What the kernel negotiated for a connection (struct tcp_info, linux/tcp.h)."""
+    raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    options, wscale = raw[5], raw[6]
+    snd_mss, rcv_mss = struct.unpack_from("=II", raw, 16)
+    return {
+        "timestamps": bool(options & 1), "sack": bool(options & 2), "wscale_ok": bool(options & 4),
+        "snd_wscale": wscale & 0x0F, "rcv_wscale": wscale >> 4, "snd_mss": snd_mss, "rcv_mss": rcv_mss,
+        "retransmits_total": struct.unpack_from("=I", raw, 100)[0],
+    }
+
+
 def sink(port: int) -> None:
     """Read each connection until the client's FIN; answer with what arrived."""
     srv = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
@@ -139,7 +153,8 @@ def sink(port: int) -> None:
                 if not piece:
                     break
                 data += piece
-            conn.sendall(json.dumps({"client": addr[0], "bytes": len(data), "data": data[:256].hex()}).encode())
+            reply = {"client": addr[0], "bytes": len(data), "data": data[:256].hex(), "tcp": tcp_info(conn)}
+            conn.sendall(json.dumps(reply).encode())
 
     while True:
         conn, addr = srv.accept()
@@ -164,6 +179,7 @@ def chunks(host: str, port: int, sizes: list[int], gap: float, timeout: float) -
             sent += piece
             if gap:
                 time.sleep(gap)
+        mine = tcp_info(sock)
         sock.shutdown(socket.SHUT_WR)
         reply = b""
         while True:
@@ -174,7 +190,8 @@ def chunks(host: str, port: int, sizes: list[int], gap: float, timeout: float) -
     answer = json.loads(reply)
     got = bytes.fromhex(answer["data"])
     return {"sent": sent.decode(), "received": got.decode(errors="replace"), "ok": got == sent,
-            "seconds": time.perf_counter() - start, "client_as_seen": answer["client"]}
+            "seconds": time.perf_counter() - start, "client_as_seen": answer["client"],
+            "client_tcp": mine, "server_tcp": answer["tcp"]}
 
 
 def _conn(url: str, timeout: float) -> tuple[http.client.HTTPConnection, str]:

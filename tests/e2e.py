@@ -40,6 +40,7 @@ class Proxied:
     queue: int
     metrics_port: int
     proc: subprocess.Popen[bytes] | None = None
+    server_proc: subprocess.Popen[bytes] | None = None
     log_path: Path = field(default_factory=lambda: Path(tempfile.mkstemp(prefix="synproxy-e2e-", suffix=".log")[1]))
     key_file: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="synproxy-key-")) / "cookie.key")
 
@@ -54,6 +55,22 @@ class Proxied:
         """Run a peers client in a client namespace; its one JSON line."""
         out = self.lab.run(host, [PYTHON, "-m", "synproxy.peers", *args], timeout=timeout)
         return json.loads(out.stdout.strip().splitlines()[-1])
+
+    def restart_server(self, *extra: str) -> None:
+        """Restart the HTTP server (e.g. with --rcvbuf or --slow-read)."""
+        if self.server_proc is not None:
+            self.server_proc.terminate()
+            self.server_proc.wait(10)
+        self.server_proc = self.lab.popen(
+            "server", [PYTHON, "-m", "synproxy.peers", "server", "--port", str(SERVER_PORT), *extra]
+        )
+        _wait_listening(self.lab, SERVER_PORT)
+
+    def snmp(self, host: str) -> dict[str, int]:
+        """The TCP counters of a host's namespace (/proc/net/snmp)."""
+        lines = [ln.split() for ln in self.lab.run(host, ["cat", "/proc/net/snmp"]).stdout.splitlines()
+                 if ln.startswith("Tcp:")]
+        return dict(zip(lines[0][1:], map(int, lines[1][1:])))
 
     def start_proxy(self, *extra: str) -> None:
         args = [
@@ -114,9 +131,8 @@ def proxied(mode: str, clients: int = 1, mtu: int = 1500, start: bool = True, **
             lab=lab, mode=mode, proxy_host="server" if mode == "local" else "router",
             queue=100 + os.getpid() % 1000, metrics_port=19000 + os.getpid() % 1000,
         )
-        lab.popen("server", [PYTHON, "-m", "synproxy.peers", "server", "--port", str(SERVER_PORT)])
+        px.restart_server()
         lab.popen("server", [PYTHON, "-m", "synproxy.peers", "sink", "--port", str(SINK_PORT)])
-        _wait_listening(lab, SERVER_PORT)
         _wait_listening(lab, SINK_PORT)
         try:
             if start:
