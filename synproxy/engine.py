@@ -140,6 +140,7 @@ class Handshake:
     syn: bytes  # the SYN sent to the server, resent on timeout
     gives_up_at: float
     wscale_ok: bool  # window scaling negotiated with the client
+    sack_ok: bool  # SACK-permitted offered to the server
     proxy_tsval: int  # the TSval of the proxy's SYN-ACK, as the client echoed it
     client_tsval: int
     client_window: int  # the client's latest window field (client's scale)
@@ -473,6 +474,7 @@ class Engine:
                 syn=syn,
                 gives_up_at=now + self.config.backend_timeout,
                 wscale_ok=wscale_ok,
+                sack_ok=c_opts.sack_ok,
                 proxy_tsval=ts[1] if ts is not None else 0,
                 client_tsval=ts[0] if ts is not None else 0,
                 client_window=pkt.window,
@@ -588,6 +590,7 @@ class Engine:
         """The server accepted: finish its handshake and switch to translation."""
         family, client, cport, server, sport = key
         opts = pkt.options
+        offered_ts = conn.ts
         conn.seq_offset = (conn.cookie - pkt.seq) & U32
         if hs.wscale_ok and opts.wscale is not None:  # the server took the client's window scale
             conn.server_recv_shift = conn.client_send_shift
@@ -598,13 +601,15 @@ class Engine:
                 conn.ts_offset = (opts.ts[0] - hs.proxy_tsval) & U32  # server clock - proxy clock
             else:
                 conn.ts = False  # the server declined timestamps: nothing to translate
+        # A SYN-ACK answers only what the SYN offered: learn just those options.
+        prev = self.profile(family, server, sport)
         self.learn_profile(
             family, server, sport,
             BackendProfile(
                 mss=opts.mss or (536 if family == 4 else 1220),
-                wscale=opts.wscale,
-                sack_ok=opts.sack_ok,
-                ts_ok=opts.ts is not None,
+                wscale=opts.wscale if hs.wscale_ok else prev.wscale,
+                sack_ok=opts.sack_ok if hs.sack_ok else prev.sack_ok,
+                ts_ok=opts.ts is not None if offered_ts else prev.ts_ok,
                 window=pkt.window,
             ),
         )
@@ -699,6 +704,7 @@ class Engine:
         return [Send(family, client, rst, Direction.FROM_SERVER, "rst")]
 
     def _abort_pending(self, key: ConnKey, conn: Conn, why: str) -> list[Action]:
+        self.stats.backend_handshakes["aborted"] += 1  # the client gave up first
         family, client, cport, server, sport = key
         assert conn.handshake is not None
         rst = P.build(family, client, server, cport, sport, (conn.handshake.client_isn + 1) & U32, 0, RST, 0)

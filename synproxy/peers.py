@@ -136,7 +136,8 @@ def tcp_info(sock: socket.socket) -> dict[str, object]:
 
 
 def sink(port: int) -> None:
-    """Read each connection until the client's FIN; answer with what arrived."""
+    """Read each connection until the client's FIN; answer with what arrived.
+    A connection whose data starts with b"RST!" is aborted with a RST instead."""
     srv = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
     srv.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -153,7 +154,10 @@ def sink(port: int) -> None:
                 if not piece:
                     break
                 data += piece
-            reply = {"client": addr[0], "bytes": len(data), "data": data[:256].hex(), "tcp": tcp_info(conn)}
+                if data.startswith(b"RST!"):  # asked to abort: close with a RST
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    return
+            reply = {"client": addr[0], "bytes": len(data), "data": data[:65536].hex(), "tcp": tcp_info(conn)}
             conn.sendall(json.dumps(reply).encode())
 
     while True:

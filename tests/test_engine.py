@@ -478,3 +478,22 @@ def test_held_data_is_bounded() -> None:
     sa = TcpOptions(mss=1460, wscale=7)
     out = eng.handle(f.s(f.server_isn, f.client_isn + 1, SYN | ACK, 65000, opts=sa), S2C, T0)
     assert [P.parse(s.data).payload_len for s in sends(out, "data")] == [1000, 1000, 1000]
+
+
+def test_profile_learns_only_what_the_syn_offered() -> None:
+    """A client without timestamps/SACK/wscale must not make the proxy think the server lacks them."""
+    eng = make_engine()
+    handshake(eng, Flow(ts=False, sack=False, client_ws=None), server_ws=None)
+    prof = eng.profile(4, Flow().server, 80)
+    assert prof.ts_ok and prof.sack_ok and prof.wscale == 7
+    synack = one(eng.handle(Flow(cport=40001).syn(), C2S, T0 + 1), "synack")
+    assert synack.options.ts is not None and synack.options.sack_ok and synack.options.wscale == 7
+    # a server that really declines timestamps is learned
+    handshake(eng, Flow(cport=40002), server_ws=7, server_ts=0)
+    eng2 = make_engine()
+    f = Flow(cport=40003)
+    out = eng2.handle(f.syn(), C2S, T0)
+    sa = one(out, "synack")
+    eng2.handle(f.c(f.client_isn + 1, sa.seq + 1, ACK, ts=(501, sa.options.ts[0])), C2S, T0)
+    eng2.handle(f.s(f.server_isn, f.client_isn + 1, SYN | ACK, 65000, opts=TcpOptions(mss=1460, wscale=7)), S2C, T0)
+    assert not eng2.profile(4, f.server, 80).ts_ok and not eng2.profile(4, f.server, 80).sack_ok
