@@ -125,11 +125,39 @@ def _need_root(what: str) -> None:
         fail(f"{what} needs root (or CAP_NET_ADMIN and CAP_NET_RAW); run it with sudo")
 
 
+def _limit_options(func: Any) -> Any:
+    """Load-shedding caps and rates (0 = unlimited), each a flag, env var and config key."""
+    from .limits import LimitsConfig
+
+    d = LimitsConfig()
+    specs = [
+        ("--max-pending-per-source", int, d.max_pending_per_source,
+         "Validated connections per source prefix whose server handshake is in flight."),
+        ("--max-established-per-source", int, d.max_established_per_source,
+         "Established connections per source prefix."),
+        ("--max-pending", int, d.max_pending, "Pending connections in all (per worker)."),
+        ("--max-established", int, d.max_established, "Established connections in all (per worker)."),
+        ("--source-prefix-v4", click.IntRange(1, 32), d.source_prefix_v4, "IPv4 prefix length that groups sources."),
+        ("--source-prefix-v6", click.IntRange(1, 128), d.source_prefix_v6, "IPv6 prefix length that groups sources."),
+        ("--synack-rate-per-source", float, d.synack_rate_per_source,
+         "SYN-ACKs per second to one source prefix (reflection guard)."),
+        ("--synack-burst-per-source", float, d.synack_burst_per_source, "Burst allowed above that rate."),
+        ("--synack-rate-global", float, d.synack_rate_global, "SYN-ACKs per second in all (per worker)."),
+    ]
+    for flag, typ, default, text in reversed(specs):
+        env = "SYNPROXY_" + flag.lstrip("-").replace("-", "_").upper()
+        func = click.option(flag, type=typ, default=default, show_default=True, envvar=env, show_envvar=True,
+                            help=text)(func)
+    return func
+
+
 @main.command()
 @click.option("--port", "ports", type=click.IntRange(1, 65535), multiple=True, envvar="SYNPROXY_PORT",
               show_envvar=True, help="Protected TCP port; repeat for several (env: space separated).")
 @click.option("--queue", type=click.IntRange(0, 65535), default=0, show_default=True, envvar="SYNPROXY_QUEUE",
-              show_envvar=True, help="NFQUEUE number this worker serves.")
+              show_envvar=True, help="NFQUEUE number (the first one with --workers).")
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True, envvar="SYNPROXY_WORKERS",
+              show_envvar=True, help="Worker processes, one queue each, balanced by address; share the key file.")
 @click.option("--mode", type=click.Choice(["local", "gateway"]), default="local", show_default=True,
               envvar="SYNPROXY_MODE", show_envvar=True,
               help="local: on the server's host; gateway: on a router in front of it.")
@@ -141,23 +169,31 @@ def _need_root(what: str) -> None:
               default=Path("/var/lib/synproxy/cookie.key"), show_default=True, envvar="SYNPROXY_KEY_FILE",
               show_envvar=True, help="Cookie key file shared by all workers (created 0600 if missing).")
 @click.option("--metrics-addr", default="127.0.0.1:9531", show_default=True, envvar="SYNPROXY_METRICS_ADDR",
-              show_envvar=True, help="HOST:PORT of the Prometheus exporter; 'off' disables it.")
+              show_envvar=True, help="HOST:PORT of the Prometheus exporter ('off' disables); worker i uses PORT+i.")
 @click.option("--rules/--no-rules", "install_rules", default=True, show_default=True, envvar="SYNPROXY_RULES",
               show_envvar=True, help="Install the firewall rules at start and remove them on a clean stop.")
+@click.option("--queue-bypass", is_flag=True, envvar="SYNPROXY_QUEUE_BYPASS", show_envvar=True,
+              help="Fail open: the rules pass traffic unprotected while no worker is bound (see README).")
+@click.option("--backend", "rules_backend", type=click.Choice(["iptables", "nft"]), default=None,
+              envvar="SYNPROXY_BACKEND", show_envvar=True, help="Firewall tool for the rules [default: detected].")
 @click.option("--backend-timeout", type=click.FloatRange(0.1, 60), default=3.0, show_default=True,
               envvar="SYNPROXY_BACKEND_TIMEOUT", show_envvar=True,
               help="Seconds to wait for the server's SYN-ACK before resetting the client.")
 @click.option("--idle-timeout", type=click.FloatRange(1), default=7440.0, show_default=True,
               envvar="SYNPROXY_IDLE_TIMEOUT", show_envvar=True,
               help="Seconds an established connection may be idle before its state is dropped.")
+@_limit_options
 def run(
-    ports: tuple[int, ...], queue: int, mode: str, wscale: int | None, mss: int | None, key_file: Path,
-    metrics_addr: str, install_rules: bool, backend_timeout: float, idle_timeout: float,
+    ports: tuple[int, ...], queue: int, workers: int, mode: str, wscale: int | None, mss: int | None,
+    key_file: Path, metrics_addr: str, install_rules: bool, queue_bypass: bool, rules_backend: str | None,
+    backend_timeout: float, idle_timeout: float, **limits: Any,
 ) -> None:
-    """Run the proxy on one NFQUEUE until SIGTERM or Ctrl-C."""
+    """Run the proxy until SIGTERM or Ctrl-C (rules installed at start, removed on a clean stop)."""
     from .daemon import RunOptions, run as run_daemon
     from .keys import KeyFileError
+    from .limits import LimitsConfig
     from .metrics import parse_addr
+    from .rules import RulesError
     from .shell import ShellError
 
     if not ports:
@@ -167,22 +203,20 @@ def run(
             parse_addr(metrics_addr)
         except ValueError as err:
             fail(str(err), 2)
+    try:
+        limit_cfg = LimitsConfig(**limits)
+    except ValueError as err:
+        fail(str(err), 2)
     _need_root("synproxy run")
     opts = RunOptions(
-        ports=tuple(sorted(set(ports))), queue=queue, mode=mode, wscale=wscale, mss=mss, key_file=key_file,
-        metrics_addr=None if metrics_addr == "off" else metrics_addr, install_rules=install_rules,
-        backend_timeout=backend_timeout, idle_timeout=idle_timeout,
+        ports=tuple(sorted(set(ports))), queue=queue, workers=workers, mode=mode, wscale=wscale, mss=mss,
+        key_file=key_file, metrics_addr=None if metrics_addr == "off" else metrics_addr,
+        install_rules=install_rules, queue_bypass=queue_bypass, rules_backend=rules_backend,
+        backend_timeout=backend_timeout, idle_timeout=idle_timeout, limits=limit_cfg,
     )
-    errors: tuple[type[Exception], ...] = (ShellError, KeyFileError, OSError)
-    try:
-        from .rules import RulesError
-
-        errors = (*errors, RulesError)
-    except ImportError:
-        pass
     try:
         run_daemon(opts)
-    except errors as err:
+    except (ShellError, KeyFileError, RulesError, OSError) as err:
         fail(str(err))
 
 

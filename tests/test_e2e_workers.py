@@ -1,0 +1,80 @@
+"""Several workers on --queue-balance sharing one key file; a dead worker is restarted."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from synproxy import keys
+from synproxy.cookie import CookieMaker
+from synproxy.engine import Engine, EngineConfig
+
+from .e2e import Proxied, proxied
+from synproxy.packet import ACK
+
+from .test_engine import C2S, T0, Flow, one
+
+pytestmark = pytest.mark.e2e
+
+
+def test_cookie_from_one_worker_validates_in_another(tmp_path: Path) -> None:
+    """Two engines loading the same key file: a SYN-ACK from one, the ACK to the other."""
+    path = tmp_path / "cookie.key"
+    a = Engine(EngineConfig(ports=frozenset({80})), CookieMaker(keys.load_or_create(path, T0)))
+    b = Engine(EngineConfig(ports=frozenset({80})), CookieMaker(keys.load_or_create(path, T0)))
+    f = Flow()
+    synack = one(a.handle(f.syn(), C2S, T0), "synack")
+    out = b.handle(f.c(f.client_isn + 1, synack.seq + 1, ACK, ts=(501, synack.options.ts[0])), C2S, T0 + 1)
+    assert one(out, "syn").seq == f.client_isn
+
+
+@pytest.fixture(scope="module")
+def px2() -> Iterator[Proxied]:
+    with proxied("local", clients=3, start=False) as px:
+        px.start_proxy("--workers", "2")
+        yield px
+
+
+def worker_metrics(px: Proxied, index: int) -> dict[str, float]:
+    port = px.metrics_port
+    px.metrics_port = port + index
+    try:
+        return px.metrics()
+    finally:
+        px.metrics_port = port
+
+
+def test_two_workers_share_the_flood_and_serve_clients(px2: Proxied) -> None:
+    px2.lab.run("client3", ["timeout", "10", "hping3", "-q", "-S", "-p", "8080", "--rand-source", "-i", "u100",
+                            "-c", "5000", px2.server_addr(4)], check=False, timeout=20)
+    answered = [worker_metrics(px2, i)["synproxy_synack_sent_total"] for i in (0, 1)]
+    assert min(answered) > 500, answered  # random sources hash onto both queues
+    for client in ("client", "client2"):
+        res = px2.client("many", px2.url(4, "/"), "--count", "30", "--concurrency", "5", host=client)
+        assert res["ok"] == 30, res
+
+
+def proxy_pids(px: Proxied) -> set[int]:
+    """synproxy processes in this lab's server namespace (pgrep alone would see other labs' too)."""
+    mine = {int(p) for p in px.lab.run("server", ["ip", "netns", "pids", px.lab.netns("server")]).stdout.split()}
+    return mine & {int(p) for p in px.lab.run("server", ["pgrep", "-f", "synproxy run"]).stdout.split()}
+
+
+def test_dead_worker_is_restarted(px2: Proxied) -> None:
+    pids = sorted(proxy_pids(px2))
+    assert len(pids) >= 3  # supervisor + 2 workers
+    victim = pids[-1]  # a worker (started after the supervisor)
+    os.kill(victim, signal.SIGKILL)
+    time.sleep(1.5)
+    after = proxy_pids(px2)
+    assert victim not in after and len(after) == len(pids)
+    assert "restarting it" in px2.log()
+    for client in ("client", "client2", "client3"):
+        res = px2.client("many", px2.url(4, "/"), "--count", "10", "--concurrency", "2", host=client)
+        assert res["ok"] == 10, res
+
