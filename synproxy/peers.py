@@ -6,6 +6,7 @@
     python -m synproxy.peers many URL --count N [--concurrency C] [--timeout S]
     python -m synproxy.peers loop URL --seconds S [--interval I] [--timeout T]
     python -m synproxy.peers sink --port 9000
+    python -m synproxy.peers synflood HOST PORT --prefix 198.18.77.0/24 --count N [--rate R] [--ack]
     python -m synproxy.peers chunks HOST PORT --chunks 3,5 [--gap S]
 
 The server is an ordinary kernel-TCP HTTP server (the "legacy" one the proxy
@@ -296,6 +297,44 @@ def loop(url: str, seconds: float, interval: float, timeout: float) -> None:
         t.join(timeout + 1)
 
 
+def synflood(host: str, port: int, prefix: str, count: int, rate: float, ack: bool) -> dict[str, object]:
+    """Send `count` spoofed SYNs (or bare ACKs) from random addresses of `prefix`, at most `rate`/s.
+
+    Bounded in count by construction and in time by the caller; used by the tests and the
+    benchmark to flood from one subnet, which hping3 cannot.
+    """
+    import ipaddress
+    import random
+
+    from . import packet as P
+
+    net = ipaddress.ip_network(prefix, strict=False)
+    dst = P.addr_bytes(host)
+    family = 6 if net.version == 6 else 4
+    sock = socket.socket(socket.AF_INET6 if family == 6 else socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    rnd = random.Random(7)
+    flags = P.ACK if ack else P.SYN
+    opts = P.TcpOptions(mss=1460, wscale=7, sack_ok=True, ts=(1, 0)) if not ack else None
+    start = time.perf_counter()
+    sent = 0
+    addr = (host, 0) if family == 4 else (host, 0, 0, 0)
+    for i in range(count):
+        src = (int(net.network_address) + rnd.randrange(1, max(2, net.num_addresses - 1))).to_bytes(
+            16 if family == 6 else 4, "big")
+        pkt = P.build(family, src, dst, rnd.randrange(1024, 65535), port, rnd.getrandbits(32),
+                      rnd.getrandbits(32) if ack else 0, flags, 64240, opts)
+        try:
+            sock.sendto(pkt, addr)
+            sent += 1
+        except OSError:
+            pass
+        if rate and i % 64 == 0:
+            ahead = sent / rate - (time.perf_counter() - start)
+            if ahead > 0:
+                time.sleep(ahead)
+    return {"sent": sent, "seconds": time.perf_counter() - start}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m synproxy.peers", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -315,6 +354,13 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--count", type=int, required=True)
     m.add_argument("--concurrency", type=int, default=1)
     m.add_argument("--timeout", type=float, default=5.0)
+    fl = sub.add_parser("synflood")
+    fl.add_argument("host")
+    fl.add_argument("port", type=int)
+    fl.add_argument("--prefix", required=True, help="spoof sources from this network")
+    fl.add_argument("--count", type=int, required=True)
+    fl.add_argument("--rate", type=float, default=0.0, help="packets per second (0: as fast as possible)")
+    fl.add_argument("--ack", action="store_true", help="bare ACKs with random numbers instead of SYNs")
     lp = sub.add_parser("loop")
     lp.add_argument("url")
     lp.add_argument("--seconds", type=float, required=True)
@@ -331,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.cmd == "server":
         serve(args.port, args.rcvbuf, args.slow_read)
+        return 0
+    if args.cmd == "synflood":
+        print(json.dumps(synflood(args.host, args.port, args.prefix, args.count, args.rate, args.ack)), flush=True)
         return 0
     if args.cmd == "loop":
         loop(args.url, args.seconds, args.interval, args.timeout)
