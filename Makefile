@@ -37,8 +37,10 @@ test: install
 demo: install
 	@$(VENV)/bin/synproxy demo
 
+# Micro-benchmark (per SYN/ACK/segment), then the flood benchmark against the kernel's defences.
 bench: install
 	@$(PY) bench/bench_syn.py
+	@$(PY) bench/flood.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

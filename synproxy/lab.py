@@ -138,12 +138,20 @@ class Lab:
             # Default routes so replies to spoofed flood sources leave quietly instead of erroring.
             self.run(name, ["ip", "route", "add", "default", "via", "198.18.0.1"])
             self.run(name, ["ip", "-6", "route", "add", "default", "via", "fd53:5059::1"])
-        if self.mode == "local":
-            self.run("server", ["ip", "route", "add", "default", "dev", "eth0"])
-            self.run("server", ["ip", "-6", "route", "add", "default", "dev", "eth0"])
-        else:
-            self.run("router", ["ip", "route", "add", "default", "dev", "eth0"])
-            self.run("router", ["ip", "-6", "route", "add", "default", "dev", "eth0"])
+        # Replies to spoofed flood sources leave through a dummy interface: no ARP for
+        # addresses that do not exist, so the neighbour table never overflows and never
+        # evicts the real clients' entries (which would drop their packets too).
+        # (No dummy driver everywhere: a veth whose peer stays down, and a default route via
+        # a next hop with a permanent neighbour entry, so all such replies share one entry.)
+        edge = "server" if self.mode == "local" else "router"
+        self.run(edge, ["ip", "link", "add", "sink0", "type", "veth", "peer", "name", "sink1"])
+        self.run(edge, ["ip", "link", "set", "sink0", "up"])
+        self.run(edge, ["ip", "addr", "add", "198.19.254.1/30", "dev", "sink0"])
+        self.run(edge, ["ip", "-6", "addr", "add", "fd53:5059:fffe::1/64", "dev", "sink0", "nodad"])
+        for nexthop, family in (("198.19.254.2", "-4"), ("fd53:5059:fffe::2", "-6")):
+            self.run(edge, ["ip", family, "neigh", "add", nexthop, "lladdr", "02:00:00:00:00:02", "dev", "sink0",
+                            "nud", "permanent"])
+            self.run(edge, ["ip", family, "route", "add", "default", "via", nexthop, "dev", "sink0", "onlink"])
 
         if self.host_link:
             self._link_host()
