@@ -73,11 +73,20 @@ class RuleConfig:
 
 
 def template_text(name: str) -> str:
-    """A template from `rules/` (the repository's, or the copy installed with the package)."""
+    """A template from `rules/`.
+
+    A normal install carries them as `synproxy/_rules` (pyproject maps the
+    top-level `rules/` there); an editable install or a source checkout has
+    only `<repo>/rules`. The packaged copy wins, so a stray `rules/` directory
+    next to an installed package can never shadow it.
+    """
+    packaged = resources.files("synproxy").joinpath("_rules", name)
+    if packaged.is_file():
+        return packaged.read_text()
     repo = Path(__file__).resolve().parent.parent / "rules" / name
-    if repo.exists():
+    if repo.is_file():
         return repo.read_text()
-    return resources.files("synproxy").joinpath("_rules", name).read_text()
+    raise RulesError(f"rule template {name} is missing: reinstall synproxy")
 
 
 def _iptables_vars(cfg: RuleConfig) -> dict[str, str]:
