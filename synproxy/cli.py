@@ -363,3 +363,92 @@ def demo(seconds: float, short: bool, rate: int, hold: bool) -> None:
         fail(str(err))
     except KeyboardInterrupt:
         click.echo("\ninterrupted: the lab has been torn down")
+
+
+# ---------------------------------------------------------------- key, probe, status
+
+
+@main.group()
+def key() -> None:
+    """Manage the cookie key file shared by all workers."""
+
+
+@key.command("rotate")
+@click.option("--key-file", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("/var/lib/synproxy/cookie.key"), show_default=True, envvar="SYNPROXY_KEY_FILE",
+              show_envvar=True)
+def key_rotate(key_file: Path) -> None:
+    """Start a new cookie key; the old one stays valid for cookies already sent.
+
+    Running workers notice the new file within about a second.
+    """
+    import time as _time
+
+    from .keys import KeyFileError, rotate
+
+    try:
+        ring = rotate(key_file, _time.time())
+    except KeyFileError as err:
+        fail(str(err))
+    click.echo(f"rotated {key_file}: key {ring.key_id}, generation {ring.generation}")
+
+
+@main.command()
+@click.argument("target", metavar="HOST:PORT")
+@click.option("--timeout", type=float, default=3.0, show_default=True)
+def probe(target: str, timeout: float) -> None:
+    """Learn what a server announces (MSS, window scale, SACK, timestamps) from a real handshake.
+
+    Probe the server directly: a probe that passes through a running synproxy
+    sees what the proxy announces instead.
+    """
+    from .metrics import parse_addr
+    from .status import probe as do_probe
+
+    try:
+        host, port = parse_addr(target)
+        res = do_probe(host, port, timeout)
+    except ValueError as err:
+        fail(str(err), 2)
+    except OSError as err:
+        fail(f"cannot connect to {target}: {err.strerror or err}")
+    click.echo(f"{target}: mss {res.mss}, window scale {res.wscale if res.wscale is not None else 'off'}, "
+               f"SACK {'on' if res.sack else 'off'}, timestamps {'on' if res.timestamps else 'off'} "
+               f"(handshake {res.connect_ms:.1f} ms)")
+    click.echo(f"to mimic it: synproxy run --mss {res.mss} --wscale {res.wscale if res.wscale is not None else 0}")
+
+
+@main.command()
+@click.option("--metrics-addr", default="127.0.0.1:9531", show_default=True, envvar="SYNPROXY_METRICS_ADDR",
+              show_envvar=True, help="The exporter of the (first) worker.")
+@click.option("--interval", type=click.FloatRange(0.2, 60), default=1.0, show_default=True,
+              help="Seconds between the two scrapes rates are computed from.")
+def status(metrics_addr: str, interval: float) -> None:
+    """A readable summary of the running daemon, from its metrics (all workers)."""
+    import time as _time
+
+    from .metrics import parse_addr
+    from .status import scrape, summary, worker_addrs
+
+    try:
+        parse_addr(metrics_addr)
+    except ValueError as err:
+        fail(str(err), 2)
+    addrs = worker_addrs(metrics_addr)
+    if not addrs:
+        fail(f"no synproxy metrics at {metrics_addr}: is `synproxy run` running with that --metrics-addr?")
+
+    def all_samples() -> dict[Any, float]:
+        merged: dict[Any, float] = {}
+        for i, addr in enumerate(addrs):
+            for (name, labels), value in scrape(addr).items():
+                merged[(name, labels + (("worker", str(i)),))] = value
+        return merged
+
+    try:
+        before = all_samples()
+        _time.sleep(interval)
+        after = all_samples()
+    except OSError as err:
+        fail(f"reading metrics failed: {err}")
+    click.echo(summary(before, after, interval, len(addrs)))

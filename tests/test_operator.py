@@ -1,0 +1,79 @@
+"""The operator's commands against a real lab: probe, status, key rotate, config file, env vars, errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .e2e import SINK_PORT, proxied
+
+SYNPROXY = str(Path(sys.executable).parent / "synproxy")
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([SYNPROXY, *args], capture_output=True, text=True, env={**os.environ, **(env or {})})
+
+
+@pytest.mark.e2e
+def test_probe_status_and_key_rotation() -> None:
+    with proxied("gateway", start=False) as px:
+        # probe the server itself (nothing in between yet), shaped to window scale 2
+        px.lab.sysctl("server", "net.ipv4.tcp_rmem", "4096 131072 212992")
+        px.restart_server("--rcvbuf", "200000")
+        out = px.lab.run("client", [SYNPROXY, "probe", f"{px.server_addr(4)}:8080"]).stdout
+        assert "mss 1460, window scale 2, SACK on, timestamps on" in out, out
+        assert "synproxy run --mss 1460 --wscale 2" in out
+        px.start_proxy()
+        px.client("many", px.url(4, "/"), "--count", "20", "--concurrency", "2")
+        status = px.lab.run("router", [SYNPROXY, "status", "--metrics-addr", f"127.0.0.1:{px.metrics_port}",
+                                       "--interval", "0.5"]).stdout
+        assert "1 worker(s) answering" in status and "established" in status and "state           normal" in status
+        rotated = px.lab.run("router", [SYNPROXY, "key", "rotate", "--key-file", str(px.key_file)]).stdout
+        assert "generation 2" in rotated
+        deadline = time.monotonic() + 5
+        while "reloaded" not in px.log() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "key file changed; reloaded" in px.log()
+        res = px.client("chunks", px.server_addr(4), str(SINK_PORT), "--chunks", "3,5")
+        assert res["ok"]
+
+
+def test_config_file_and_environment(tmp_path: Path) -> None:
+    """Keys of the TOML file and SYNPROXY_* variables reach the options; flags win over both."""
+    conf = tmp_path / "synproxy.toml"
+    conf.write_text('port = [8443, 8080]\nqueue = 4\nmode = "gateway"\n')
+    out = cli("--config", str(conf), "rules", "install", "--dry-run", "--backend", "iptables").stdout
+    assert "--dports 8080,8443" in out and "--queue-num 4" in out and "--dport" not in out.replace("--dports", "")
+    env = cli("--config", str(conf), "rules", "install", "--dry-run", "--backend", "iptables",
+              env={"SYNPROXY_QUEUE": "9"}).stdout
+    assert "--queue-num 9" in env
+    flag = cli("--config", str(conf), "rules", "install", "--dry-run", "--backend", "iptables", "--queue", "11",
+               env={"SYNPROXY_QUEUE": "9"}).stdout
+    assert "--queue-num 11" in flag
+    conf.write_text("prot = 1\n")
+    bad = cli("--config", str(conf), "run")
+    assert bad.returncode == 2 and bad.stderr.strip() == f"synproxy: unknown key(s) in {conf}: prot"
+    missing = cli("--config", str(tmp_path / "nope.toml"), "run")
+    assert missing.returncode == 1 and "does not exist" in missing.stderr
+
+
+def test_not_root_is_one_clear_line() -> None:
+    res = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", SYNPROXY, "run",
+                          "--port", "8080"], capture_output=True, text=True)
+    assert res.returncode == 1
+    assert res.stderr.strip() == "synproxy: synproxy run needs root (or CAP_NET_ADMIN and CAP_NET_RAW); run it with sudo"
+
+
+def test_bad_values_are_one_line_errors() -> None:
+    for args, needle in ((["run", "--port", "8080", "--wscale", "15"], "15 is outside 0..14"),
+                         (["run", "--port", "8080", "--metrics-addr", "nohostport"], "metrics address must be HOST:PORT"),
+                         (["run", "--port", "8080", "--source-prefix-v4", "40"], "40"),
+                         (["probe", "localhost"], "HOST:PORT")):
+        res = cli(*args)
+        assert res.returncode == 2 and needle in res.stderr, (args, res.stderr)
+
