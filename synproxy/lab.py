@@ -12,6 +12,26 @@ fd53:5059::/32; traffic never leaves the namespaces the lab made.
 
 Clients sit on a bridge in a "switch" namespace so several of them (a
 legitimate client, an attacker, ...) share the link to the server or router.
+
+    with Lab(mode="gateway", clients=2, mtu=9000) as lab:
+        lab.popen("server", [sys.executable, "-m", "synproxy.peers", "sink", "--port", "9000"])
+        lab.python("client2", "import socket, sys; socket.create_connection((sys.argv[1], 9000))",
+                   lab.addr("server", 6))
+        lab.sysctl("server", "net.ipv4.tcp_syncookies", "0")
+
+Raw sockets and marks, as checked on kernel 6.18 (tests/test_lab_raw.py keeps
+checking them), which the proxy's datapath relies on:
+  (a) an IPv4 `SOCK_RAW/IPPROTO_RAW` socket with `SO_MARK` sends a packet with a
+      spoofed (client) source to a local address of its own namespace: it
+      passes raw OUTPUT with the mark, loops over lo, and raw PREROUTING
+      still sees the mark and the spoofed source;
+  (b) the same holds for IPv6 (`AF_INET6, SOCK_RAW, IPPROTO_RAW`: the header
+      is sent verbatim, a non-local source is accepted);
+  (c) in the gateway topology the router can send such a packet with the
+      client's source to the server, which receives it (and its reply goes
+      back to the client through the router). The mark is visible in the
+      router's OUTPUT but not in the server: a mark never crosses a veth
+      into another namespace.
 """
 
 from __future__ import annotations
@@ -21,6 +41,7 @@ import os
 import secrets
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,7 +90,9 @@ class Lab:
             raise LabError(f"unknown lab mode {self.mode!r}")
         cleanup_stale()
         REGISTRY.mkdir(parents=True, exist_ok=True)
-        (REGISTRY / self.run_id).write_text(str(os.getpid()))
+        tmp = REGISTRY / f".{self.run_id}"  # written whole, then renamed: never seen half-written
+        tmp.write_text(_owner_id(os.getpid()))
+        tmp.rename(REGISTRY / self.run_id)
         atexit.register(self.close)
         try:
             self._build()
@@ -219,6 +242,13 @@ class Lab:
     def sysctl(self, host: str, key: str, value: str) -> None:
         self.run(host, ["sysctl", "-q", "-w", f"{key}={value}"])
 
+    def python(
+        self, host: str, code: str, *args: str, check: bool = True, timeout: float = 60.0, **kw: Any
+    ) -> subprocess.CompletedProcess[str]:
+        """Run Python source in a host (`sys.argv[1:]` = args) with this interpreter,
+        so the venv's packages (synproxy, scapy) are importable there too."""
+        return self.run(host, [sys.executable, "-c", code, *args], check=check, timeout=timeout, **kw)
+
 
 def _stop(proc: subprocess.Popen[Any]) -> None:
     if proc.poll() is not None:
@@ -253,11 +283,16 @@ def cleanup_stale() -> list[str]:
     existing = _ip("netns", "list", check=False).stdout.split("\n")
     names = [line.split()[0] for line in existing if line.strip()]
     for entry in REGISTRY.iterdir():
+        if entry.name.startswith("."):
+            continue  # being written
         try:
-            pid = int(entry.read_text())
-            os.kill(pid, 0)
-            continue  # still alive: not stale
-        except (ValueError, ProcessLookupError, OSError):
+            owner = entry.read_text().strip()
+        except FileNotFoundError:
+            continue  # another run is cleaning it up right now
+        try:
+            if _owner_id(int(owner.split()[0])) == owner or owner.isdigit():
+                continue  # its creator still runs (a bare pid: written by an older version)
+        except (ValueError, IndexError, OSError):
             pass
         for name in names:
             if name.startswith(f"{PREFIX}{entry.name}"):
@@ -266,3 +301,13 @@ def cleanup_stale() -> list[str]:
                 removed.append(name)
         entry.unlink(missing_ok=True)
     return removed
+
+
+def _owner_id(pid: int) -> str:
+    """'pid starttime': a recycled pid of a dead run does not look alive.
+
+    Raises OSError when the process does not exist.
+    """
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    start = stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after the command name
+    return f"{pid} {start}"

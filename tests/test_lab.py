@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 
 import pytest
 
+from synproxy import lab as labmod
 from synproxy.lab import Lab, LabError, cleanup_stale
 
 pytestmark = pytest.mark.e2e
@@ -19,9 +23,17 @@ def _netns() -> set[str]:
     return {line.split()[0] for line in out.splitlines() if line.strip()}
 
 
+def _leftovers(lab: Lab) -> set[str]:
+    """Namespaces, root-namespace interfaces and registry entries of this lab still there.
+
+    Only this lab's: other runs (other engineers, parallel tests) come and go meanwhile.
+    """
+    names = _netns() | _root_links() | {p.name for p in labmod.REGISTRY.glob("*")}
+    return {name for name in names if lab.run_id in name}
+
+
 @pytest.mark.parametrize("mode", ["local", "gateway"])
 def test_clients_reach_server_over_tcp_v4_and_v6(mode: str) -> None:
-    before = _netns()
     with Lab(mode=mode, clients=2) as lab:
         lab.popen("server", [PY, "-m", "synproxy.peers", "sink", "--port", "9100"])
         lab.run("server", [PY, "-c", "import time; time.sleep(0.5)"])
@@ -34,16 +46,16 @@ def test_clients_reach_server_over_tcp_v4_and_v6(mode: str) -> None:
                 assert res["client_as_seen"].removeprefix("::ffff:") == lab.addr(client, family)
         names = {h.netns for h in lab.hosts.values()}
         assert names <= _netns()
-    assert _netns() == before
+    assert not _leftovers(lab)
 
 
 def test_teardown_on_exception() -> None:
-    before = _netns()
     with pytest.raises(RuntimeError):
         with Lab(mode="gateway") as lab:
-            lab.popen("server", ["sleep", "30"])
+            sleeper = lab.popen("server", ["sleep", "30"])
             raise RuntimeError("test body failed")
-    assert _netns() == before
+    assert not _leftovers(lab)
+    assert sleeper.poll() is not None  # background processes are stopped too
 
 
 def test_two_labs_in_parallel_do_not_collide() -> None:
@@ -66,3 +78,64 @@ def test_cleanup_stale_removes_dead_runs(tmp_path: object) -> None:
     removed = cleanup_stale()
     assert {h.netns for h in lab.hosts.values()} <= set(removed)
     lab.close()
+
+
+def _root_links() -> set[str]:
+    out = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+    return {line.split(":")[1].strip().split("@")[0] for line in out.splitlines()}
+
+
+@pytest.mark.parametrize("raises", [False, True])
+def test_no_interface_left_in_the_root_namespace(raises: bool) -> None:
+    """The host link is the one interface a lab makes outside its namespaces: gone afterwards too."""
+    lab = Lab(mode="gateway", host_link=True)
+    try:
+        with lab:
+            assert f"spx{lab.run_id}h" in _root_links()
+            if raises:
+                raise RuntimeError("test body failed")
+    except RuntimeError:
+        assert raises
+    assert not _leftovers(lab)
+
+
+CONNECT_MSS = """
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+print(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG))
+"""
+
+
+def test_mtu_python_helper_and_sysctls(make_lab: Callable[..., Lab]) -> None:
+    lab = make_lab(mode="gateway", mtu=9000)
+    for host in ("client", "router", "server"):
+        links = json.loads(lab.run(host, ["ip", "-j", "link", "show"]).stdout)
+        assert {link["mtu"] for link in links if link["ifname"].startswith("eth")} == {9000}
+        no_metrics = lab.run(host, ["sysctl", "-n", "net.ipv4.tcp_no_metrics_save"]).stdout.strip()
+        assert no_metrics == "1"
+    lab.popen("server", [PY, "-m", "synproxy.peers", "sink", "--port", "9100"])
+    for family in (4, 6):
+        for _ in range(50):  # until the sink listens
+            res = lab.python("client", CONNECT_MSS, lab.addr("server", family), "9100", check=False)
+            if res.returncode == 0:
+                break
+            time.sleep(0.1)
+        assert int(res.stdout) > 8000, res.stderr  # jumbo frames end to end through the router
+
+
+def test_cleanup_stale_does_not_trust_a_recycled_pid() -> None:
+    """A registry entry whose pid is alive but started at another time belongs to a dead run."""
+    lab = Lab()
+    lab.__enter__()
+    try:
+        (labmod.REGISTRY / lab.run_id).write_text(f"{os.getpid()} 1")  # our pid, wrong start time
+        assert {h.netns for h in lab.hosts.values()} <= set(cleanup_stale())
+        assert not {h.netns for h in lab.hosts.values()} & _netns()
+    finally:
+        lab.close()
+
+
+def test_cleanup_stale_keeps_live_runs() -> None:
+    with Lab() as lab:
+        assert not set(cleanup_stale()) & {h.netns for h in lab.hosts.values()}
+        assert {h.netns for h in lab.hosts.values()} <= _netns()
