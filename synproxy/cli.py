@@ -120,9 +120,26 @@ def main(config: str | None, log_level: str) -> None:
     )
 
 
-def _need_root(what: str) -> None:
-    if os.geteuid() != 0:
-        fail(f"{what} needs root (or CAP_NET_ADMIN and CAP_NET_RAW); run it with sudo")
+CAP_NET_ADMIN, CAP_NET_RAW = 12, 13
+
+
+def effective_caps() -> int:
+    """The process's effective capability set (from /proc), 0 if it cannot be read."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    except OSError:
+        pass
+    return 0
+
+
+def _need_root(what: str, raw: bool = True) -> None:
+    """Root, or at least the capabilities the datapath needs (as under the systemd unit)."""
+    need = 1 << CAP_NET_ADMIN | ((1 << CAP_NET_RAW) if raw else 0)
+    if os.geteuid() != 0 and effective_caps() & need != need:
+        caps = "CAP_NET_ADMIN and CAP_NET_RAW" if raw else "CAP_NET_ADMIN"
+        fail(f"{what} needs root (or {caps}); run it with sudo")
 
 
 def _limit_options(func: Any) -> Any:
@@ -287,7 +304,7 @@ def rules_install(ports: tuple[int, ...], queue: int, queues: int, mode: str, ma
     if dry_run:
         click.echo(render(cfg, chosen), nl=False)
         return
-    _need_root("synproxy rules install")
+    _need_root("synproxy rules install", raw=False)
     try:
         changed = install(cfg, chosen, replace=replace)
     except RulesError as err:
@@ -303,7 +320,7 @@ def rules_remove(backend: str | None) -> None:
     """Remove synproxy's rules; every other rule is left untouched."""
     from .rules import RulesError, remove
 
-    _need_root("synproxy rules remove")
+    _need_root("synproxy rules remove", raw=False)
     chosen = _backend(backend)
     try:
         removed = remove(chosen)
@@ -319,7 +336,7 @@ def rules_show(ports: tuple[int, ...], queue: int, queues: int, mode: str, mark:
     """Show the installed rules and whether they match the configuration."""
     from .rules import RulesError, show
 
-    _need_root("synproxy rules show")
+    _need_root("synproxy rules show", raw=False)
     chosen = _backend(backend)
     cfg = _rule_config(ports, queue, queues, mode, mark, bypass) if ports else None
     try:

@@ -77,3 +77,14 @@ def test_bad_values_are_one_line_errors() -> None:
         res = cli(*args)
         assert res.returncode == 2 and needle in res.stderr, (args, res.stderr)
 
+
+
+def test_capabilities_suffice_without_root() -> None:
+    """As under the systemd unit: a non-root process holding CAP_NET_ADMIN may manage the rules."""
+    lab_free = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=+net_admin,+net_raw",
+         "--ambient-caps=+net_admin,+net_raw", SYNPROXY, "rules", "show", "--backend", "iptables"],
+        capture_output=True, text=True,
+    )
+    assert lab_free.returncode == 0, lab_free.stderr
+    assert "needs root" not in lab_free.stderr
