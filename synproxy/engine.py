@@ -340,6 +340,7 @@ class Engine:
     def learn_profile(self, family: int, server: bytes, port: int, profile: BackendProfile) -> None:
         """Record what a server announces (from a probe or an observed SYN-ACK)."""
         if len(self._profiles) > 4096 and (family, server, port) not in self._profiles:
+            self.stats.evicted["profiles"] += len(self._profiles)
             self._profiles.clear()  # bounded; only validated handshakes ever add entries
         self._profiles[(family, server, port)] = profile
 
@@ -377,7 +378,9 @@ class Engine:
             prof_ws = self.profile(*skey).wscale
             got = 7 if prof_ws is None else prof_ws
             if len(table) > 1024:
-                for old in [k for k in table if k[1] < slot - 1]:
+                stale = [k for k in table if k[1] < slot - 1]
+                self.stats.evicted["advertised_wscale"] += len(stale)
+                for old in stale:
                     del table[old]
             table[(skey, slot)] = got
         return got
@@ -446,6 +449,7 @@ class Engine:
     ) -> list[Action]:
         family, client, cport, server, sport = key
         if len(self._interned) > 4096:
+            self.stats.evicted["interned"] += len(self._interned)
             self._interned.clear()  # bounded: only validated connections add servers
         key = (family, client, cport, self._intern(server), self._intern(sport))  # type: ignore[assignment]
         ts = pkt.options.ts
