@@ -89,8 +89,16 @@ def template_text(name: str) -> str:
     raise RulesError(f"rule template {name} is missing: reinstall synproxy")
 
 
+MULTIPORT_MAX = 15  # the iptables multiport match takes at most 15 ports
+
+
 def _iptables_vars(cfg: RuleConfig) -> dict[str, str]:
     ports = sorted(set(cfg.ports))
+    if len(ports) > MULTIPORT_MAX:
+        raise RulesError(
+            f"iptables can match at most {MULTIPORT_MAX} ports in one rule, {len(ports)} given: "
+            "protect fewer ports or use --backend nft"
+        )
     if len(ports) == 1:
         dports, sports = f"--dport {ports[0]}", f"--sport {ports[0]}"
     else:

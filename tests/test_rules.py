@@ -151,3 +151,84 @@ def test_bad_values_are_one_line_errors(lab: Lab) -> None:
     assert res.returncode == 2 and "no protected port" in res.stderr
     res = cli(lab, "rules", "install", "--port", "70000", check=False)
     assert res.returncode == 2 and "70000" in res.stderr
+
+
+NFT_LIFECYCLE = """
+import json, re, sys
+from synproxy import rules as R
+
+real_render = R.render
+
+
+def render(cfg, backend):
+    # This kernel may lack nft's queue statement (CONFIG_NFT_QUEUE): counters stand in for
+    # it, so the rest (table, chains, notrack, fib, marks, the transaction) is the real thing.
+    text = real_render(cfg, backend)
+    return re.sub(r"queue num \\S+( bypass)?", "counter", text) if backend is R.Backend.NFT else text
+
+
+R.render = render
+step, mode, ports = sys.argv[1], R.Mode(sys.argv[2]), tuple(map(int, sys.argv[3].split(",")))
+cfg = R.RuleConfig(ports=ports, mode=mode, queue=3, queues=2, bypass=True)
+try:
+    if step == "install":
+        print(json.dumps({"changed": R.install(cfg, R.Backend.NFT)}))
+    elif step == "replace":
+        print(json.dumps({"changed": R.install(cfg, R.Backend.NFT, replace=True)}))
+    else:
+        print(json.dumps({"removed": R.remove(R.Backend.NFT)}))
+except R.RulesError as err:
+    print(json.dumps({"error": str(err)}))
+"""
+
+
+@pytest.mark.parametrize("mode", ["local", "gateway"])
+def test_nft_lifecycle_with_counters_for_queues(lab: Lab, mode: str) -> None:
+    """install twice, refuse another config, replace, remove: the operator's nft ruleset is as before."""
+
+    def step(*args: str) -> dict[str, object]:
+        return json.loads(lab.python("server", NFT_LIFECYCLE, *args).stdout)
+
+    before = snapshot(lab)
+    assert step("install", mode, "80,443") == {"changed": True}
+    first = snapshot(lab)
+    listing = lab.run("server", ["nft", "list", "table", "inet", R.NFT_TABLE]).stdout
+    assert "notrack" in listing and "0x00005350" in listing
+    assert ("fib daddr type local" in listing) == (mode == "local")
+    assert step("install", mode, "80,443") == {"changed": False}
+    assert snapshot(lab) == first
+    refused = step("install", mode, "81")
+    assert "another configuration" in str(refused.get("error"))
+    assert snapshot(lab) == first
+    assert step("replace", mode, "81") == {"changed": True}
+    listing = lab.run("server", ["nft", "list", "table", "inet", R.NFT_TABLE]).stdout
+    assert "dport 81 " in listing and "443" not in listing
+    assert step("remove", mode, "81") == {"removed": True}
+    assert snapshot(lab) == before
+    assert step("remove", mode, "81") == {"removed": False}
+
+
+def test_too_many_ports_for_iptables_is_refused_before_touching_anything(lab: Lab) -> None:
+    before = snapshot(lab)
+    ports = [a for p in range(1000, 1016) for a in ("--port", str(p))]
+    res = cli(lab, "rules", "install", "--backend", "iptables", *ports, check=False)
+    assert res.returncode == 1 and "at most 15 ports" in res.stderr and res.stderr.count("\n") == 1
+    assert snapshot(lab) == before
+    cfg = R.RuleConfig(ports=tuple(range(1000, 1016)))
+    with pytest.raises(R.RulesError, match="at most 15"):
+        R.render(cfg, R.Backend.IPTABLES)
+    assert "{ 1000, 1001," in R.render(cfg, R.Backend.NFT)  # nft sets have no such limit
+
+
+def test_templates_ship_with_the_package() -> None:
+    """Every template in rules/ is packaged as synproxy/_rules (see pyproject.toml)."""
+    import tomllib
+
+    repo = Path(__file__).resolve().parent.parent
+    conf = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert conf["package-dir"]["synproxy._rules"] == "rules" and "synproxy._rules" in conf["packages"]
+    assert conf["package-data"]["synproxy._rules"] == ["*.tmpl"]
+    names = {p.name for p in (repo / "rules").iterdir()}
+    assert names and all(n.endswith(".tmpl") for n in names)
+    for name in names:
+        assert R.template_text(name) == (repo / "rules" / name).read_text()
