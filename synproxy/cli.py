@@ -302,7 +302,10 @@ def rules_install(ports: tuple[int, ...], queue: int, queues: int, mode: str, ma
     cfg = _rule_config(ports, queue, queues, mode, mark, bypass)
     chosen = _backend(backend)
     if dry_run:
-        click.echo(render(cfg, chosen), nl=False)
+        try:
+            click.echo(render(cfg, chosen), nl=False)
+        except RulesError as err:
+            fail(str(err))
         return
     _need_root("synproxy rules install", raw=False)
     try:

@@ -232,3 +232,9 @@ def test_templates_ship_with_the_package() -> None:
     assert names and all(n.endswith(".tmpl") for n in names)
     for name in names:
         assert R.template_text(name) == (repo / "rules" / name).read_text()
+
+
+def test_dry_run_errors_are_one_line_too(lab: Lab) -> None:
+    ports = [a for p in range(1000, 1016) for a in ("--port", str(p))]
+    res = cli(lab, "rules", "install", "--dry-run", "--backend", "iptables", *ports, check=False)
+    assert res.returncode == 1 and res.stderr.count("\n") == 1 and "at most 15 ports" in res.stderr
