@@ -137,6 +137,7 @@ class Handshake:
     """What the proxy holds only while the server handshake is in flight."""
 
     client_isn: int
+    cookie: int  # the proxy's ISN toward the client
     syn: bytes  # the SYN sent to the server, resent on timeout
     gives_up_at: float
     wscale_ok: bool  # window scaling negotiated with the client
@@ -179,7 +180,6 @@ class Conn:
     """Per-connection state: small and explicit (see Translation for the numbers)."""
 
     state: State
-    cookie: int  # the proxy's ISN toward the client
     ts: bool  # timestamps negotiated with the client
     last_seen: float
     handshake: Handshake | None = None
@@ -468,13 +468,13 @@ class Engine:
         syn = P.build(family, client, server, cport, sport, client_isn, 0, SYN, syn_window, syn_opts)
         conn = Conn(
             state=State.PENDING,
-            cookie=(pkt.ack - 1) & U32,
             ts=ts is not None,
             last_seen=now,
             client_send_shift=client_send_shift,
             client_recv_shift=client_recv_shift,
             handshake=Handshake(
                 client_isn=client_isn,
+                cookie=(pkt.ack - 1) & U32,
                 syn=syn,
                 gives_up_at=now + self.config.backend_timeout,
                 wscale_ok=wscale_ok,
@@ -572,7 +572,7 @@ class Engine:
                 return [Drop("server_refused"), *self._reset_client(key, conn, "refused")]
             return [Drop("pending_unexpected")]
         if flags & SYN:
-            if flags & ACK and (pkt.seq + conn.seq_offset) & U32 == conn.cookie:
+            if flags & ACK:
                 # Our ACK to the server was lost: send it again.
                 return [Drop("synack_retransmit"), self._ack_to_server(key, conn, pkt)]
             return [Drop("unexpected_syn")]
@@ -595,7 +595,7 @@ class Engine:
         family, client, cport, server, sport = key
         opts = pkt.options
         offered_ts = conn.ts
-        conn.seq_offset = (conn.cookie - pkt.seq) & U32
+        conn.seq_offset = (hs.cookie - pkt.seq) & U32
         if hs.wscale_ok and opts.wscale is not None:  # the server took the client's window scale
             conn.server_recv_shift = conn.client_send_shift
             conn.server_send_shift = min(opts.wscale, 14)
@@ -637,7 +637,7 @@ class Engine:
             upd_opts = TcpOptions(ts=((opts.ts[0] - conn.ts_offset) & U32, hs.client_tsval))
         update = P.build(
             family, server, client, sport, cport,
-            (conn.cookie + 1) & U32, (hs.client_isn + 1) & U32, ACK, window, upd_opts,
+            (hs.cookie + 1) & U32, (hs.client_isn + 1) & U32, ACK, window, upd_opts,
         )
         out.append(Send(family, client, update, Direction.FROM_SERVER, "window_update"))
         return out
@@ -701,7 +701,8 @@ class Engine:
         family, client, cport, server, sport = key
         rst = P.build(
             family, server, client, sport, cport,
-            (conn.cookie + 1) & U32, conn.handshake.held_next if conn.handshake else 0,
+            (conn.handshake.cookie + 1) & U32 if conn.handshake else 0,
+            conn.handshake.held_next if conn.handshake else 0,
             RST | ACK, 0,
         )
         self._remove(key, conn, why)

@@ -106,18 +106,17 @@ class GlobalBucket:
         return True
 
 
-@dataclass(slots=True)
-class SourceCount:
-    pending: int = 0
-    established: int = 0
-
-
 class Limits:
-    """Counts validated connections per source prefix and decides what to shed."""
+    """Counts validated connections per source prefix and decides what to shed.
+
+    Counts are plain ints in two dicts (small ints are shared objects in CPython), not an
+    object per source: a source costs one dict entry per state it has connections in.
+    """
 
     def __init__(self, config: LimitsConfig) -> None:
         self.config = config
-        self.sources: dict[bytes, SourceCount] = {}
+        self.pending_by_source: dict[bytes, int] = {}
+        self.established_by_source: dict[bytes, int] = {}
         self.pending = 0
         self.established = 0
         self._synack = (
@@ -127,22 +126,26 @@ class Limits:
         )
         self._global = GlobalBucket(config.synack_rate_global) if config.synack_rate_global else None
 
+    @property
+    def sources(self) -> set[bytes]:
+        """Source prefixes with at least one pending or established connection."""
+        return set(self.pending_by_source) | set(self.established_by_source)
+
     def source_key(self, family: int, addr: bytes) -> bytes:
         bits = self.config.source_prefix_v4 if family == 4 else self.config.source_prefix_v6
         return prefix_of(addr, bits)
 
     def _over_cap(self, source: bytes) -> Shed | None:
         cfg = self.config
-        count = self.sources.get(source)
         if cfg.max_pending and self.pending >= cfg.max_pending:
             return Shed.GLOBAL_PENDING
         if cfg.max_established and self.established >= cfg.max_established:
             return Shed.GLOBAL_ESTABLISHED
-        if count is not None:
-            if cfg.max_pending_per_source and count.pending >= cfg.max_pending_per_source:
-                return Shed.PER_SOURCE_PENDING
-            if cfg.max_established_per_source and count.established >= cfg.max_established_per_source:
-                return Shed.PER_SOURCE_ESTABLISHED
+        if cfg.max_pending_per_source and self.pending_by_source.get(source, 0) >= cfg.max_pending_per_source:
+            return Shed.PER_SOURCE_PENDING
+        if (cfg.max_established_per_source
+                and self.established_by_source.get(source, 0) >= cfg.max_established_per_source):
+            return Shed.PER_SOURCE_ESTABLISHED
         return None
 
     def check_syn(self, source: bytes, now: float) -> Shed | None:
@@ -160,27 +163,32 @@ class Limits:
         """Whether a validated ACK may open a backend connection (None = yes)."""
         return self._over_cap(source)
 
+    @staticmethod
+    def _inc(table: dict[bytes, int], source: bytes) -> None:
+        table[source] = table.get(source, 0) + 1
+
+    @staticmethod
+    def _dec(table: dict[bytes, int], source: bytes) -> None:
+        left = table[source] - 1
+        if left:
+            table[source] = left
+        else:
+            del table[source]
+
     def opened(self, source: bytes) -> None:
-        count = self.sources.get(source)
-        if count is None:
-            count = self.sources[source] = SourceCount()
-        count.pending += 1
+        self._inc(self.pending_by_source, source)
         self.pending += 1
 
     def promoted(self, source: bytes) -> None:
-        count = self.sources[source]
-        count.pending -= 1
-        count.established += 1
+        self._dec(self.pending_by_source, source)
+        self._inc(self.established_by_source, source)
         self.pending -= 1
         self.established += 1
 
     def closed(self, source: bytes, was_pending: bool) -> None:
-        count = self.sources[source]
         if was_pending:
-            count.pending -= 1
+            self._dec(self.pending_by_source, source)
             self.pending -= 1
         else:
-            count.established -= 1
+            self._dec(self.established_by_source, source)
             self.established -= 1
-        if not count.pending and not count.established:
-            del self.sources[source]
