@@ -5,8 +5,10 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
+# NetfilterQueue is built from source (no wheel on PyPI): a compiler, Python headers and
+# libnetfilter-queue-dev; Debian's python3 needs python3-venv for `python3 -m venv`.
 APT_PACKAGES := libnetfilter-queue-dev libnfnetlink-dev iptables nftables iproute2 conntrack \
-                hping3 tcpdump prometheus build-essential
+                hping3 tcpdump prometheus build-essential python3-dev python3-venv
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
 .PHONY: install apt-packages test demo bench clean
