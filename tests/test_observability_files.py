@@ -580,3 +580,128 @@ def test_panel_queries_return_data_on_a_simulated_flood(tmp_path: Path) -> None:
         proc.wait(10)
         server.shutdown()
         server.server_close()
+
+
+# ---------------------------------------------------------------- the daemon inside the units' sandbox
+
+# What synproxy.service asks of systemd, emulated with a private mount namespace, setpriv and
+# prctl: ProtectSystem=strict with ReadWritePaths= the state directory, ProtectKernelTunables
+# (/proc/sys and /sys read-only), CapabilityBoundingSet= and AmbientCapabilities= CAP_NET_ADMIN
+# CAP_NET_RAW, NoNewPrivileges, MemoryDenyWriteExecute (PR_SET_MDWE). Not emulated: ProtectHome
+# (this checkout's interpreter may live under /root), PrivateTmp, RestrictAddressFamilies (the
+# socket families are checked from strace instead) and the seccomp filter (the system calls are
+# compared with @system-service from strace when strace is installed).
+SANDBOX_SH = r"""
+set -e
+state=$1; shift
+mount --make-rprivate /
+mount --bind "$state" "$state"
+for m in $(awk '{print $2}' /proc/self/mounts | sort -u); do
+  case "$m" in /dev|/dev/*|/proc|/proc/*|/sys|/sys/*|"$state") continue;; esac
+  mount -o remount,bind,ro "$m" 2>/dev/null || true
+done
+mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys
+mount -o remount,bind,ro /sys
+if touch /etc/.synproxy-rw-test 2>/dev/null; then echo "emulation failed: / is writable"; exit 99; fi
+if (echo 1 > /proc/sys/net/ipv4/ip_forward) 2>/dev/null; then echo "emulation failed: /proc/sys is writable"; exit 99; fi
+exec setpriv --no-new-privs --bounding-set=-all,+net_admin,+net_raw --inh-caps=-all,+net_admin,+net_raw \
+     --ambient-caps=-all,+net_admin,+net_raw -- "$@"
+"""
+MDWE_MAIN = (
+    "import ctypes, sys; libc = ctypes.CDLL(None, use_errno=True); "
+    "assert libc.prctl(65, 1, 0, 0, 0) == 0, 'PR_SET_MDWE failed'; "  # PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN
+    "sys.argv[0] = 'synproxy'; from synproxy.cli import main; main()"
+)
+
+
+def _system_service_syscalls(analyze: str) -> set[str]:
+    """@system-service expanded to system call names, as systemd itself lists it."""
+    out: set[str] = set()
+    todo, seen = ["@system-service"], set()
+    while todo:
+        group = todo.pop()
+        seen.add(group)
+        listing = subprocess.run([analyze, "syscall-filter", group], capture_output=True, text=True).stdout
+        for line in listing.splitlines()[1:]:
+            word = line.strip()
+            if word.startswith("@") and word not in seen:
+                todo.append(word)
+            elif word and not word.startswith(("#", "@")):
+                out.add(word)
+    return out
+
+
+def _descendants(pid: int) -> list[int]:
+    out = [pid]
+    for task in os.listdir(f"/proc/{pid}/task"):
+        for child in Path(f"/proc/{pid}/task/{task}/children").read_text().split():
+            out += _descendants(int(child))
+    return out
+
+
+@pytest.mark.e2e
+def test_daemon_runs_inside_the_units_sandbox(lab: Any, tmp_path: Path) -> None:
+    """Binds its queue, installs its rules, proxies a connection, exports metrics, removes the
+    rules on SIGTERM and exits 0 with the file system and /proc/sys read-only, two capabilities
+    and no W+X memory: the unit's hardening does not break it."""
+    for name in ("unshare", "setpriv"):
+        tool(name)
+    strace = shutil.which("strace")
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    (tmp_path / "sandbox.sh").write_text(SANDBOX_SH)
+    lab.popen("server", [sys.executable, "-m", "synproxy.peers", "sink", "--port", "9000"])
+    trace = tmp_path / "strace.out"
+    argv = ["unshare", "-m", "bash", str(tmp_path / "sandbox.sh"), str(state), sys.executable, "-c", MDWE_MAIN,
+            "run", "--port", "9000", "--queue", "7", "--key-file", str(state / "cookie.key"),
+            "--metrics-addr", "127.0.0.1:9531"]
+    if strace:
+        argv = [strace, "-f", "-qq", "-o", str(trace), *argv]
+    log_path = tmp_path / "proxy.log"
+    with log_path.open("wb") as log:
+        proc = lab.popen("server", argv, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_for("the proxy to serve", lambda: proc.poll() is not None or "serving ports" in log_path.read_text(), 20)
+        assert proc.poll() is None, log_path.read_text()
+        client = ("import socket, sys; s = socket.create_connection((sys.argv[1], 9000), timeout=5); "
+                  "s.sendall(b'through the proxy'); s.close()")
+        lab.run("client", [sys.executable, "-c", client, lab.addr("server")])
+        metrics = lab.run("server", [sys.executable, "-c", "import urllib.request, sys; sys.stdout.write("
+                                     "urllib.request.urlopen('http://127.0.0.1:9531/metrics').read().decode())"]).stdout
+        assert "synproxy_ack_valid_total 1.0" in metrics
+        assert 'synproxy_backend_handshakes_total{outcome="established"} 1.0' in metrics
+        assert "SYNPROXY_PY" in lab.run("server", ["iptables-save", "-t", "raw"]).stdout + \
+            lab.run("server", ["nft", "list", "ruleset"], check=False).stdout.replace("synproxy_py", "SYNPROXY_PY")
+        daemon = [p for p in _descendants(proc.pid) if Path(f"/proc/{p}/comm").read_text().startswith("python")]
+        assert daemon, "the daemon process was not found"
+        os.kill(daemon[0], 15)  # SIGTERM to the daemon itself (strace -o blocks fatal signals)
+        assert proc.wait(20) == 0, log_path.read_text()
+    finally:
+        if proc.poll() is None:
+            for pid in reversed(_descendants(proc.pid)):
+                os.kill(pid, 9)
+            proc.wait(5)
+    log = log_path.read_text()
+    assert "removed the" in log and "RuntimeWarning" not in log, log  # rcvbuf forced, rules removed
+    assert "SYNPROXY_PY" not in lab.run("server", ["iptables-save", "-t", "raw"]).stdout
+    assert oct((state / "cookie.key").stat().st_mode & 0o777) == "0o600"
+    if strace:
+        allowed = _system_service_syscalls(tool("systemd-analyze"))
+        used: dict[str, str] = {}
+        pids: set[str] = set()
+        for line in trace.read_text().splitlines():
+            m = re.match(r"(\d+)\s+(?:<\.\.\. )?(\w+)[( ]", line)
+            if not m:
+                continue
+            pid, call = m.groups()
+            if call == "execve" and line.split('"')[1:2] == [sys.executable]:
+                pids.add(pid)  # from here on this pid is the daemon
+            if pid not in pids:
+                continue
+            if call in ("clone", "clone3", "fork", "vfork") and (child := re.search(r"= (\d+)$", line)):
+                pids.add(child.group(1))  # threads and iptables/nft children
+            used.setdefault(call, line)
+        outside = {call: line for call, line in used.items() if call not in allowed}
+        assert not outside, f"system calls outside @system-service: {outside}"
+        families = set(re.findall(r"socket\((AF_\w+)", trace.read_text()))
+        assert families <= {"AF_INET", "AF_INET6", "AF_NETLINK", "AF_UNIX"}, families
