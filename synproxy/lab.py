@@ -40,6 +40,7 @@ import atexit
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -216,8 +217,13 @@ class Lab:
         return self.hosts[host].netns
 
     def addr(self, host: str, family: int = 4) -> str:
+        """A host's address; family 4 or 6 (socket.AF_INET / AF_INET6 work too)."""
         h = self.hosts[host]
-        return h.v4 if family == 4 else h.v6
+        if family in (4, socket.AF_INET):
+            return h.v4
+        if family in (6, socket.AF_INET6):
+            return h.v6
+        raise LabError(f"unknown address family {family!r}")
 
     def cmd(self, host: str, argv: list[str]) -> list[str]:
         return ["ip", "netns", "exec", self.hosts[host].netns, *argv]

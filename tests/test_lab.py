@@ -139,3 +139,12 @@ def test_cleanup_stale_keeps_live_runs() -> None:
     with Lab() as lab:
         assert not set(cleanup_stale()) & {h.netns for h in lab.hosts.values()}
         assert {h.netns for h in lab.hosts.values()} <= _netns()
+
+
+def test_addr_takes_either_family_spelling(lab: Lab) -> None:
+    import socket
+
+    assert lab.addr("server", 4) == lab.addr("server", socket.AF_INET) == "198.18.0.1"
+    assert lab.addr("server", 6) == lab.addr("server", socket.AF_INET6) == "fd53:5059::1"
+    with pytest.raises(LabError):
+        lab.addr("server", 5)
