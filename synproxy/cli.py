@@ -102,7 +102,8 @@ class ConfigGroup(click.Group):
 @click.version_option(__version__, prog_name="synproxy")
 @click.option(
     "--config", type=click.Path(dir_okay=False), default=None, envvar="SYNPROXY_CONFIG", show_envvar=True,
-    help=f"TOML config file; keys are long option names with underscores. [default: {DEFAULT_CONFIG}]",
+    help=f"TOML config file; keys are long option names with underscores. Give it before the "
+         f"command: synproxy --config FILE run. [default: {DEFAULT_CONFIG}]",
 )
 @click.option(
     "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",

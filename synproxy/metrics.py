@@ -22,6 +22,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from . import __version__
 from .engine import Engine
+from .limits import Shed
 from .shell import LatencyHistogram, ShellStats
 
 NFQUEUE_PROC = Path("/proc/net/netfilter/nfnetlink_queue")
@@ -54,9 +55,22 @@ def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
     return CounterMetricFamily(name, doc, value=value)
 
 
+# Label values known in advance are exported at 0 from the start: a series that first
+# appears at value N hides those N events from rate(), so a first burst of sheds would
+# never reach an alert.
+KNOWN_LABELS: dict[str, tuple[str, ...]] = {
+    "synproxy_shed": tuple(shed.value for shed in Shed),
+    "synproxy_backend_handshakes": ("established", "refused", "timeout", "aborted"),
+    "synproxy_ack_invalid": ("cookie",),
+    "synproxy_connections_closed": ("fin", "rst", "idle"),
+}
+
+
 def _labelled(name: str, doc: str, label: str, values: dict[str, int]) -> CounterMetricFamily:
     fam = CounterMetricFamily(name, doc, labels=[label])
-    for key, val in sorted(values.items()):
+    merged = {key: 0 for key in KNOWN_LABELS.get(name, ())}
+    merged.update(values)
+    for key, val in sorted(merged.items()):
         fam.add_metric([key], val)
     return fam
 

@@ -168,7 +168,9 @@ class Shell:
 
         nfq = NetfilterQueue()
         try:
-            nfq.bind(self.queue_num, self._on_packet, max_len=self._queue_maxlen, range=COPY_RANGE)
+            # The netlink socket must hold what the queue may: ~2 KiB per queued packet.
+            nfq.bind(self.queue_num, self._on_packet, max_len=self._queue_maxlen, range=COPY_RANGE,
+                     sock_len=self._queue_maxlen * 2048)
         except OSError as err:
             raise ShellError(
                 f"cannot bind NFQUEUE {self.queue_num} ({err}): is another synproxy serving it, "
