@@ -234,6 +234,7 @@ def test_silent_server_client_reset_after_timeout_and_state_freed(px: Proxied) -
 
 
 def test_server_restarts_between_connections(px: Proxied) -> None:
+    """The server restarts between two connections; the second is served as if nothing happened."""
     assert chunks(px, 4, "5")["ok"]
     px.lab.run("server", ["pkill", "-f", f"sink --port {SINK_PORT}"], check=False)
     restart_sink(px)
