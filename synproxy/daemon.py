@@ -17,12 +17,12 @@ import os
 import secrets
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
 from .cookie import CookieMaker
-from .engine import BackendProfile, Engine, EngineConfig
+from .engine import Engine, EngineConfig
 from .keys import KeyFileWatcher, KeyRing, load_or_create
 from .limits import LimitsConfig
 
@@ -51,7 +51,6 @@ class RunOptions:
     backend_timeout: float = 3.0
     idle_timeout: float = 7440.0
     limits: LimitsConfig = LimitsConfig()
-    profiles: dict[tuple[int, bytes, int], BackendProfile] = field(default_factory=dict)
 
 
 def build_engine(opts: RunOptions, keyring: KeyRing) -> Engine:
@@ -64,10 +63,7 @@ def build_engine(opts: RunOptions, keyring: KeyRing) -> Engine:
         ts_base=secrets.randbits(32),
         limits=opts.limits,
     )
-    engine = Engine(cfg, CookieMaker(keyring))
-    for (family, addr, port), prof in opts.profiles.items():
-        engine.learn_profile(family, addr, port, prof)
-    return engine
+    return Engine(cfg, CookieMaker(keyring))
 
 
 def _metrics_addr(opts: RunOptions, index: int) -> str | None:

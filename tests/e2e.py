@@ -64,7 +64,7 @@ class Proxied:
         self.server_proc = self.lab.popen(
             "server", [PYTHON, "-m", "synproxy.peers", "server", "--port", str(SERVER_PORT), *extra]
         )
-        _wait_listening(self.lab, SERVER_PORT)
+        wait_listening(self.lab, SERVER_PORT)
 
     def snmp(self, host: str) -> dict[str, int]:
         """The TCP counters of a host's namespace (/proc/net/snmp)."""
@@ -133,7 +133,7 @@ def proxied(mode: str, clients: int = 1, mtu: int = 1500, start: bool = True, **
         )
         px.restart_server()
         lab.popen("server", [PYTHON, "-m", "synproxy.peers", "sink", "--port", str(SINK_PORT)])
-        _wait_listening(lab, SINK_PORT)
+        wait_listening(lab, SINK_PORT)
         try:
             if start:
                 px.start_proxy()
@@ -145,7 +145,7 @@ def proxied(mode: str, clients: int = 1, mtu: int = 1500, start: bool = True, **
                 px.log_path.unlink(missing_ok=True)
 
 
-def _wait_listening(lab: Lab, port: int) -> None:
+def wait_listening(lab: Lab, port: int) -> None:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         out = lab.run("server", ["ss", "-Htln", f"sport = :{port}"])

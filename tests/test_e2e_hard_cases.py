@@ -9,12 +9,13 @@ first packet that matches (quota = that packet's length).
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from .e2e import PYTHON, SINK_PORT, Proxied, proxied
+from .e2e import PYTHON, SINK_PORT, Proxied, proxied, wait_listening
 
 pytestmark = pytest.mark.e2e
 
@@ -45,16 +46,32 @@ def chunks(px: Proxied, family: int, sizes: str, host: str = "client") -> dict[s
 
 def restart_sink(px: Proxied) -> None:
     """Start the sink again (after a test stopped it) and wait until it listens."""
+    px.lab.run("server", ["pkill", "-f", f"sink --port {SINK_PORT}"], check=False)
     deadline = time.monotonic() + 5
     while px.lab.run("server", ["ss", "-Htln", f"sport = :{SINK_PORT}"]).stdout.strip():
         if time.monotonic() > deadline:
             raise RuntimeError("the old sink still listens")
         time.sleep(0.05)
     px.lab.popen("server", [PYTHON, "-m", "synproxy.peers", "sink", "--port", str(SINK_PORT)])
-    while not px.lab.run("server", ["ss", "-Htln", f"sport = :{SINK_PORT}"]).stdout.strip():
-        if time.monotonic() > deadline:
-            raise RuntimeError("the sink did not come back")
-        time.sleep(0.05)
+    wait_listening(px.lab, SINK_PORT)
+
+
+SEND_THEN_READ = (
+    "import socket,sys\n"
+    "t=float(sys.argv[3])\n"
+    "s=socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=t)\n"
+    "s.settimeout(t)\n"
+    "try:\n  s.sendall(b'hello'); print(repr(s.recv(10)))\n"
+    "except OSError as e: print(type(e).__name__)\n"
+)
+
+
+def send_then_read(px: Proxied, timeout: float) -> tuple[subprocess.CompletedProcess[str], float]:
+    """Connect to the sink port, send, read; the outcome and how long it took."""
+    start = time.monotonic()
+    res = px.lab.run("client", [PYTHON, "-c", SEND_THEN_READ, px.server_addr(4), str(SINK_PORT), str(timeout)],
+                     check=False, timeout=timeout * 2 + 5)
+    return res, time.monotonic() - start
 
 
 def set_client_sysctls(px: Proxied, **values: str) -> dict[str, str]:
@@ -194,15 +211,7 @@ def test_port_closed_client_gets_rst_promptly(px: Proxied) -> None:
     """Nothing listens on a protected port: the client's connection is refused at once."""
     px.lab.run("server", ["pkill", "-f", f"sink --port {SINK_PORT}"], check=False)
     try:
-        start = time.monotonic()
-        res = px.lab.run("client", [PYTHON, "-c", (
-            "import socket,sys\n"
-            "s=socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=5)\n"
-            "s.settimeout(5)\n"
-            "try:\n  s.sendall(b'x'); print(repr(s.recv(10)))\n"
-            "except OSError as e: print(type(e).__name__)\n"
-        ), px.server_addr(4), str(SINK_PORT)], check=False)
-        elapsed = time.monotonic() - start
+        res, elapsed = send_then_read(px, 5)
     finally:
         restart_sink(px)
     # The proxy's RST may even arrive before connect() has returned: a reset either way.
@@ -215,15 +224,7 @@ def test_silent_server_client_reset_after_timeout_and_state_freed(px: Proxied) -
     tool_rule = ["-p", "tcp", "--dport", str(SINK_PORT), "-j", "DROP"]
     px.lab.run("server", ["iptables", "-I", "INPUT", "1", *tool_rule])
     try:
-        start = time.monotonic()
-        res = px.lab.run("client", [PYTHON, "-c", (
-            "import socket,sys\n"
-            "s=socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=10)\n"
-            "s.settimeout(10)\n"
-            "try:\n  s.sendall(b'hello'); print(repr(s.recv(10)))\n"
-            "except OSError as e: print(type(e).__name__)\n"
-        ), px.server_addr(4), str(SINK_PORT)], check=False, timeout=20)
-        elapsed = time.monotonic() - start
+        res, elapsed = send_then_read(px, 10)
     finally:
         px.lab.run("server", ["iptables", "-D", "INPUT", *tool_rule])
     assert "ConnectionResetError" in res.stdout, (res.stdout, res.stderr)
@@ -236,7 +237,6 @@ def test_silent_server_client_reset_after_timeout_and_state_freed(px: Proxied) -
 def test_server_restarts_between_connections(px: Proxied) -> None:
     """The server restarts between two connections; the second is served as if nothing happened."""
     assert chunks(px, 4, "5")["ok"]
-    px.lab.run("server", ["pkill", "-f", f"sink --port {SINK_PORT}"], check=False)
     restart_sink(px)
     assert chunks(px, 4, "5")["ok"]
 

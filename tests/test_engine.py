@@ -497,3 +497,14 @@ def test_profile_learns_only_what_the_syn_offered() -> None:
     eng2.handle(f.c(f.client_isn + 1, sa.seq + 1, ACK, ts=(501, sa.options.ts[0])), C2S, T0)
     eng2.handle(f.s(f.server_isn, f.client_isn + 1, SYN | ACK, 65000, opts=TcpOptions(mss=1460, wscale=7)), S2C, T0)
     assert not eng2.profile(4, f.server, 80).ts_ok and not eng2.profile(4, f.server, 80).sack_ok
+
+
+def test_translation_view_says_when_the_kernel_could_take_over() -> None:
+    """Conn.translation is the conntrack-shaped view (seq offset, ts offset); equal scales are offloadable."""
+    same, f = make_engine(wscale=7), Flow()
+    synack, _, _ = handshake(same, f, server_ws=7)
+    tr = next(iter(same.conns.values())).translation
+    assert tr.seq_offset == (synack.seq - f.server_isn) & U32 and tr.kernel_offloadable
+    other = make_engine(wscale=12)
+    handshake(other, Flow(), server_ws=7)
+    assert not next(iter(other.conns.values())).translation.kernel_offloadable  # the kernel cannot rescale
