@@ -191,7 +191,11 @@ def _limit_options(func: Any) -> Any:
 @click.option("--rules/--no-rules", "install_rules", default=True, show_default=True, envvar="SYNPROXY_RULES",
               show_envvar=True, help="Install the firewall rules at start and remove them on a clean stop.")
 @click.option("--queue-bypass", is_flag=True, envvar="SYNPROXY_QUEUE_BYPASS", show_envvar=True,
-              help="Fail open: the rules pass traffic unprotected while no worker is bound (see README).")
+              help="Fail open: traffic passes unprotected while no worker is bound or a queue is full (see README).")
+@click.option("--queue-binding", type=click.Choice(["netlink", "netfilterqueue"]), default="netlink",
+              show_default=True, envvar="SYNPROXY_QUEUE_BINDING", show_envvar=True,
+              help="netlink: batched reads and verdicts; netfilterqueue: the NetfilterQueue package (fallback, "
+                   "one call per packet, segments up to 4016 bytes).")
 @click.option("--backend", "rules_backend", type=click.Choice(["iptables", "nft"]), default=None,
               envvar="SYNPROXY_BACKEND", show_envvar=True, help="Firewall tool for the rules [default: detected].")
 @click.option("--backend-timeout", type=click.FloatRange(0.1, 60), default=3.0, show_default=True,
@@ -203,8 +207,8 @@ def _limit_options(func: Any) -> Any:
 @_limit_options
 def run(
     ports: tuple[int, ...], queue: int, workers: int, mode: str, wscale: int | None, mss: int | None,
-    key_file: Path, metrics_addr: str, install_rules: bool, queue_bypass: bool, rules_backend: str | None,
-    backend_timeout: float, idle_timeout: float, **limits: Any,
+    key_file: Path, metrics_addr: str, install_rules: bool, queue_bypass: bool, queue_binding: str,
+    rules_backend: str | None, backend_timeout: float, idle_timeout: float, **limits: Any,
 ) -> None:
     """Run the proxy until SIGTERM or Ctrl-C (rules installed at start, removed on a clean stop)."""
     from .daemon import RunOptions, run as run_daemon
@@ -229,7 +233,8 @@ def run(
     opts = RunOptions(
         ports=tuple(sorted(set(ports))), queue=queue, workers=workers, mode=mode, wscale=wscale, mss=mss,
         key_file=key_file, metrics_addr=None if metrics_addr == "off" else metrics_addr,
-        install_rules=install_rules, queue_bypass=queue_bypass, rules_backend=rules_backend,
+        install_rules=install_rules, queue_bypass=queue_bypass, queue_binding=queue_binding,
+        rules_backend=rules_backend,
         backend_timeout=backend_timeout, idle_timeout=idle_timeout, limits=limit_cfg,
     )
     try:

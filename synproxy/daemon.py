@@ -46,7 +46,8 @@ class RunOptions:
     metrics_addr: str | None = "127.0.0.1:9531"  # worker i listens on port + i
     mark: int = DEFAULT_MARK
     install_rules: bool = True
-    queue_bypass: bool = False
+    queue_bypass: bool = False  # fail open: rules bypass an unbound queue, the kernel bypasses a full one
+    queue_binding: str = "netlink"  # or "netfilterqueue" (the fallback, one system call per packet)
     rules_backend: str | None = None
     backend_timeout: float = 3.0
     idle_timeout: float = 7440.0
@@ -106,7 +107,7 @@ def serve_queue(opts: RunOptions, install_rules: bool, index: int = 0) -> None:
 
     from . import rules
     from .metrics import SynproxyCollector, serve
-    from .shell import Shell
+    from .shell import Binding, Shell
 
     keyring = load_or_create(opts.key_file, time.time())
     engine = build_engine(opts, keyring)
@@ -120,7 +121,8 @@ def serve_queue(opts: RunOptions, install_rules: bool, index: int = 0) -> None:
             engine.cookies.set_keyring(ring)
             current["ring"] = ring
 
-    shell = Shell(engine, opts.queue, opts.mark, on_tick=on_tick)
+    shell = Shell(engine, opts.queue, opts.mark, on_tick=on_tick, binding=Binding(opts.queue_binding),
+                  fail_open=opts.queue_bypass)
     addr = _metrics_addr(opts, index)
     if addr:
         registry = CollectorRegistry()

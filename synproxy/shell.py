@@ -2,11 +2,14 @@
 
 It holds no protocol logic: it reads the clock, hands each queued packet to the
 engine, carries out the actions it returns and calls the engine's timers.
+Packets come in batches (one system call for up to 64) and their verdicts go
+out together after the batch, so a flood costs few system calls per packet.
 """
 
 from __future__ import annotations
 
 import bisect
+import enum
 import errno
 import logging
 import select
@@ -15,15 +18,16 @@ import socket
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from .engine import Accept, Action, Drop, Engine, Send
+from .nfqueue import NfQueue, QueueConfig
 
 log = logging.getLogger("synproxy")
 
 SOL_NETLINK = 270
 NETLINK_NO_ENOBUFS = 5
-COPY_RANGE = 4016  # NetfilterQueue's ceiling; the engine keeps every segment below it
+NFQ_COPY_RANGE = 4016  # NetfilterQueue's ceiling; the engine keeps every segment below it
 
 
 class ShellError(RuntimeError):
@@ -50,9 +54,10 @@ class LatencyHistogram:
         self.counts = [0] * (len(self.BOUNDS) + 1)
         self.total = 0.0
 
-    def observe(self, seconds: float) -> None:
-        self.counts[bisect.bisect_left(self.BOUNDS, seconds)] += 1
-        self.total += seconds
+    def observe(self, seconds: float, count: int = 1) -> None:
+        """Record `count` packets that took `seconds` each (a batch's mean)."""
+        self.counts[bisect.bisect_left(self.BOUNDS, seconds)] += count
+        self.total += seconds * count
 
 
 class RawSender:
@@ -83,6 +88,81 @@ class RawSender:
         self.v6.close()
 
 
+class Binding(enum.Enum):
+    """How the daemon talks to the kernel's queue."""
+
+    NETLINK = "netlink"  # synproxy.nfqueue: batched reads and verdicts, fail-open flag, 64 KiB copies
+    NETFILTERQUEUE = "netfilterqueue"  # the NetfilterQueue package: one call per packet (fallback)
+
+
+class QueueReader(Protocol):
+    """What the shell needs from a queue binding."""
+
+    def fileno(self) -> int: ...
+    def receive(self) -> list[tuple[Any, bytes]]: ...
+    def verdict(self, handle: Any, accept: bool, payload: bytes | None = None) -> None: ...
+    def flush(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class NetfilterQueueReader:
+    """The NetfilterQueue package behind the same batch interface (the fallback binding)."""
+
+    def __init__(self, queue_num: int, maxlen: int) -> None:
+        from netfilterqueue import NetfilterQueue
+
+        self._nfq = NetfilterQueue()
+        self._batch: list[tuple[Any, bytes]] = []
+        # The netlink socket must hold what the queue may: ~2 KiB per queued packet.
+        self._nfq.bind(queue_num, self._collect, max_len=maxlen, range=NFQ_COPY_RANGE, sock_len=maxlen * 2048)
+        nl = socket.socket(fileno=self._nfq.get_fd())
+        try:
+            nl.setsockopt(SOL_NETLINK, NETLINK_NO_ENOBUFS, 1)
+        except OSError:
+            pass
+        finally:
+            nl.detach()
+
+    def _collect(self, pkt: Any) -> None:
+        pkt.retain()  # the verdict comes after the callback returns
+        self._batch.append((pkt, pkt.get_payload()))
+
+    def fileno(self) -> int:
+        return int(self._nfq.get_fd())
+
+    def receive(self) -> list[tuple[Any, bytes]]:
+        self._nfq.run(block=False)  # drains what is pending through _collect
+        batch, self._batch = self._batch, []
+        return batch
+
+    def verdict(self, handle: Any, accept: bool, payload: bytes | None = None) -> None:
+        if not accept:
+            handle.drop()
+            return
+        if payload is not None:
+            handle.set_payload(payload)
+        handle.accept()
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self._nfq.unbind()
+
+
+def open_queue(binding: Binding, queue_num: int, maxlen: int, fail_open: bool) -> QueueReader:
+    """Bind the queue, or say in one sentence why not."""
+    try:
+        if binding is Binding.NETLINK:
+            return NfQueue(QueueConfig(queue_num, maxlen=maxlen, fail_open=fail_open))
+        return NetfilterQueueReader(queue_num, maxlen)
+    except OSError as err:
+        raise ShellError(
+            f"cannot bind NFQUEUE {queue_num} ({err.strerror or err}): is another synproxy serving it, "
+            "or is the nfnetlink_queue kernel module missing?"
+        ) from err
+
+
 class Shell:
     """Binds one NFQUEUE and runs the engine on it until stopped."""
 
@@ -94,6 +174,8 @@ class Shell:
         clock: Callable[[], float] = time.time,
         on_tick: Callable[[float], None] | None = None,
         queue_maxlen: int = 8192,
+        binding: Binding = Binding.NETLINK,
+        fail_open: bool = False,
     ) -> None:
         self.engine = engine
         self.queue_num = queue_num
@@ -101,6 +183,8 @@ class Shell:
         self.on_tick = on_tick  # once a second or so: key reloads, gauges
         self.stats = ShellStats()
         self.sender = RawSender(mark)
+        self.binding = binding
+        self.fail_open = fail_open
         self._stop = False
         self._queue_maxlen = queue_maxlen
         self._next_tick = 0.0
@@ -109,48 +193,56 @@ class Shell:
     def stop(self, *_: Any) -> None:
         self._stop = True
 
-    def _execute(self, actions: list[Action], nfpkt: Any | None) -> None:
-        for action in actions:
-            if isinstance(action, Send):
-                try:
-                    self.sender.send(action)
-                    self.stats.sent[action.kind] += 1
-                except OSError as err:
-                    self.stats.send_errors[errno.errorcode.get(err.errno or 0, "unknown")] += 1
-            elif nfpkt is None:
-                continue
-            elif isinstance(action, Accept):
-                if action.payload is not None:
-                    nfpkt.set_payload(action.payload)
-                nfpkt.accept()
-            elif isinstance(action, Drop):
-                nfpkt.drop()
+    def _send(self, action: Send) -> None:
+        try:
+            self.sender.send(action)
+            self.stats.sent[action.kind] += 1
+        except OSError as err:
+            self.stats.send_errors[errno.errorcode.get(err.errno or 0, "unknown")] += 1
 
-    def _on_packet(self, nfpkt: Any) -> None:
+    def _handle_batch(self, queue: QueueReader, batch: list[tuple[Any, bytes]]) -> None:
+        """Run the engine over a batch; verdicts leave together at the end.
+
+        An accepted packet must not be overtaken by a packet the proxy sends for a
+        later one, so pending verdicts go out first whenever an accept is among them.
+        """
         start = time.perf_counter()
         now = self.clock()
-        self.stats.packets += 1
-        try:
-            actions = self.engine.handle_raw(nfpkt.get_payload(), now)
-        except Exception:  # a bug must cost one packet, never the daemon
-            self.stats.handler_errors += 1
-            log.exception("engine failed on a packet; dropped it")
-            nfpkt.drop()
-            return
-        self._execute(actions, nfpkt)
-        self.stats.handling.observe(time.perf_counter() - start)
-        # NetfilterQueue drains the socket before returning, which under a flood is
-        # forever: timers, ticks and a stop request are served from here too.
-        if now >= self._service_due:
-            self._service(now)
-        if self._stop:
-            raise _StopLoop
+        engine, send = self.engine, self._send
+        accepts_pending = False
+        for handle, data in batch:
+            try:
+                actions = engine.handle_raw(data, now)
+            except Exception:  # a bug must cost one packet, never the daemon
+                self.stats.handler_errors += 1
+                log.exception("engine failed on a packet; dropped it")
+                queue.verdict(handle, False)
+                continue
+            verdict = actions[0]
+            for action in actions[1:] if len(actions) > 1 else ():
+                if isinstance(action, Send):
+                    if accepts_pending:
+                        queue.flush()
+                        accepts_pending = False
+                    send(action)
+            if isinstance(verdict, Drop):
+                queue.verdict(handle, False)
+            elif isinstance(verdict, Accept):
+                queue.verdict(handle, True, verdict.payload)
+                accepts_pending = True
+            else:  # the engine's first action is always the verdict
+                raise AssertionError(f"engine returned {verdict!r} as a verdict")
+        queue.flush()
+        self.stats.packets += len(batch)
+        self.stats.handling.observe((time.perf_counter() - start) / len(batch), len(batch))
 
     def _service(self, now: float) -> None:
         """Run due timers and the once-a-second tick; note when to come back."""
         deadline = self.engine.next_deadline()
         if deadline is not None and deadline <= now:
-            self._execute(self.engine.handle_timer(now), None)
+            for action in self.engine.handle_timer(now):
+                if isinstance(action, Send):
+                    self._send(action)
             deadline = self.engine.next_deadline()
         if now >= self._next_tick:
             self._next_tick = now + 1.0
@@ -164,53 +256,25 @@ class Shell:
         `on_bound` runs once the queue is bound (the daemon installs its rules
         then, so no packet is queued before a reader exists).
         """
-        from netfilterqueue import NetfilterQueue
-
-        nfq = NetfilterQueue()
-        try:
-            # The netlink socket must hold what the queue may: ~2 KiB per queued packet.
-            nfq.bind(self.queue_num, self._on_packet, max_len=self._queue_maxlen, range=COPY_RANGE,
-                     sock_len=self._queue_maxlen * 2048)
-        except OSError as err:
-            raise ShellError(
-                f"cannot bind NFQUEUE {self.queue_num} ({err}): is another synproxy serving it, "
-                "or is the nfnetlink_queue kernel module missing?"
-            ) from err
-        fd = nfq.get_fd()
-        nl = socket.socket(fileno=fd)
-        try:
-            nl.setsockopt(SOL_NETLINK, NETLINK_NO_ENOBUFS, 1)
-        except OSError:
-            pass
-        finally:
-            nl.detach()
+        queue = open_queue(self.binding, self.queue_num, self._queue_maxlen, self.fail_open)
         old = {s: signal.signal(s, self.stop) for s in (signal.SIGTERM, signal.SIGINT)}
-        if on_bound is not None:
-            try:
-                on_bound()
-            except BaseException:
-                nfq.unbind()
-                self.sender.close()
-                raise
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
         try:
+            if on_bound is not None:
+                on_bound()
+            poller = select.poll()
+            poller.register(queue.fileno(), select.POLLIN)
             while not self._stop:
                 now = self.clock()
                 if now >= self._service_due:
                     self._service(now)
+                batch = queue.receive()
+                if batch:
+                    self._handle_batch(queue, batch)
+                    continue
                 wait = max(0.0, self._service_due - self.clock())
-                if poller.poll(wait * 1000 + 1):
-                    try:
-                        nfq.run(block=False)
-                    except _StopLoop:
-                        break
+                poller.poll(wait * 1000 + 1)
         finally:
             for sig, handler in old.items():
                 signal.signal(sig, handler)
-            nfq.unbind()
+            queue.close()
             self.sender.close()
-
-
-class _StopLoop(Exception):
-    """Raised from the packet callback to leave NetfilterQueue's drain loop."""
