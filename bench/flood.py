@@ -142,11 +142,11 @@ def measure(defence: str, rate: str, seconds: float) -> Row:
         _add_counters(lab)  # first in their chains, after any rules the defence installed
         pids = _pids(lab)
         url = f"http://{lab.addr('server')}:{PORT}/"
-        interval = "u1" if rate == "max" else f"u{max(1, 1_000_000 // int(rate))}"
+        pace = ["--flood"] if rate == "max" else ["-i", f"u{max(1, 1_000_000 // int(rate))}"]
         cpu0, soft0, t0 = _proc_cpu(pids), _softirq(), time.monotonic()
         off0, sa0 = _counter(lab, "raw", "PREROUTING", []), _counter(lab, "mangle", "POSTROUTING", [])
         flood = lab.popen("client2", ["timeout", str(seconds), "hping3", "-q", "-S", "-p", str(PORT),
-                                      "--rand-source", "-i", interval, "-c", str(MAX_PACKETS), lab.addr("server")])
+                                      "--rand-source", *pace, "-c", str(MAX_PACKETS), lab.addr("server")])
         time.sleep(0.5)
         out = lab.run("client", [PY, "-m", "synproxy.peers", "loop", url, "--seconds", str(seconds - 1),
                                  "--interval", "0.05", "--timeout", "3"], timeout=seconds + 30).stdout

@@ -173,7 +173,8 @@ def _limit_options(func: Any) -> Any:
 @click.option("--port", "ports", type=click.IntRange(1, 65535), multiple=True, envvar="SYNPROXY_PORT",
               show_envvar=True, help="Protected TCP port; repeat for several (env: space separated).")
 @click.option("--queue", type=click.IntRange(0, 65535), default=0, show_default=True, envvar="SYNPROXY_QUEUE",
-              show_envvar=True, help="NFQUEUE number (the first one with --workers).")
+              show_envvar=True,
+              help="First NFQUEUE number: queues Q..Q+N-1 carry traffic, Q+N..Q+2N-1 new SYNs (N = --workers).")
 @click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True, envvar="SYNPROXY_WORKERS",
               show_envvar=True, help="Worker processes, one queue each, balanced by address; share the key file.")
 @click.option("--mode", type=click.Choice(["local", "gateway"]), default="local", show_default=True,
@@ -273,10 +274,11 @@ def _rule_options(func: Any) -> Any:
         click.option("--port", "ports", type=click.IntRange(1, 65535), multiple=True, envvar="SYNPROXY_PORT",
                      show_envvar=True, help="Protected TCP port; repeat for several."),
         click.option("--queue", type=click.IntRange(0, 65535), default=0, show_default=True,
-                     envvar="SYNPROXY_QUEUE", show_envvar=True, help="First NFQUEUE number."),
+                     envvar="SYNPROXY_QUEUE", show_envvar=True,
+                     help="First NFQUEUE number; new SYNs use the queues right after the traffic queues."),
         click.option("--queues", type=click.IntRange(1, 64), default=1, show_default=True,
                      envvar="SYNPROXY_QUEUES", show_envvar=True,
-                     help="Number of queues (one worker each), balanced by address (--queue-balance)."),
+                     help="Workers: N traffic queues and N SYN queues, balanced by address (--queue-balance)."),
         click.option("--mode", type=click.Choice(["local", "gateway"]), default="local", show_default=True,
                      envvar="SYNPROXY_MODE", show_envvar=True),
         click.option("--mark", type=click.IntRange(1, 2**32 - 1), default=0x5350, show_default=True,

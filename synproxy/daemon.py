@@ -37,8 +37,9 @@ class RunOptions:
     """Everything `synproxy run` needs, already validated by the CLI."""
 
     ports: tuple[int, ...]
-    queue: int = 0
+    queue: int = 0  # traffic queue (the first, with several workers)
     workers: int = 1
+    syn_queue: int | None = None  # None: queue + workers (what the rules use); set per worker
     mode: str = "local"
     wscale: int | None = None  # None = auto
     mss: int | None = None  # None = auto
@@ -121,12 +122,14 @@ def serve_queue(opts: RunOptions, install_rules: bool, index: int = 0) -> None:
             engine.cookies.set_keyring(ring)
             current["ring"] = ring
 
+    syn_queue = opts.syn_queue if opts.syn_queue is not None else opts.queue + opts.workers
     shell = Shell(engine, opts.queue, opts.mark, on_tick=on_tick, binding=Binding(opts.queue_binding),
-                  fail_open=opts.queue_bypass)
+                  fail_open=opts.queue_bypass, syn_queue_num=syn_queue)
     addr = _metrics_addr(opts, index)
     if addr:
         registry = CollectorRegistry()
-        registry.register(SynproxyCollector(engine, shell.stats, opts.queue, lambda now: current["ring"].age(now)))
+        registry.register(SynproxyCollector(engine, shell.stats, {"traffic": opts.queue, "syn": syn_queue},
+                                            lambda now: current["ring"].age(now)))
         serve(registry, addr)
     installed: list[rules.Backend] = []
 
@@ -138,8 +141,8 @@ def serve_queue(opts: RunOptions, install_rules: bool, index: int = 0) -> None:
             installed.append(backend)
             log.info("installed %s rules (config %s)", backend.value, cfg.fingerprint)
         log.info(
-            "synproxy %s serving ports %s on queue %d (%s mode), pid %d, key %s",
-            __version__, ",".join(map(str, opts.ports)), opts.queue, opts.mode, os.getpid(), keyring.key_id,
+            "synproxy %s serving ports %s on queue %d, SYNs on queue %d (%s mode), pid %d, key %s",
+            __version__, ",".join(map(str, opts.ports)), opts.queue, syn_queue, opts.mode, os.getpid(), keyring.key_id,
         )
 
     try:
@@ -166,7 +169,7 @@ def supervise(opts: RunOptions) -> None:
     stopping = False
 
     def start(i: int) -> None:
-        worker = dataclasses.replace(opts, queue=opts.queue + i, workers=1)
+        worker = dataclasses.replace(opts, queue=opts.queue + i, syn_queue=opts.queue + opts.workers + i, workers=1)
         proc = ctx.Process(target=_worker_main, args=(worker, i), name=f"synproxy-worker-{i}", daemon=False)
         proc.start()
         procs[i] = proc
@@ -185,7 +188,7 @@ def supervise(opts: RunOptions) -> None:
             cfg, backend = _rule_config(opts), _backend(opts)
             rules.install(cfg, backend)
             log.info("installed %s rules for queues %d-%d (config %s)", backend.value, opts.queue,
-                     opts.queue + opts.workers - 1, cfg.fingerprint)
+                     opts.queue + 2 * opts.workers - 1, cfg.fingerprint)
         log.info("synproxy %s supervising %d workers, pid %d", __version__, opts.workers, os.getpid())
         while not stopping:
             for i, proc in list(procs.items()):

@@ -93,13 +93,13 @@ class SynproxyCollector(Collector):
         self,
         engine: Engine,
         shell: ShellStats,
-        queue: int,
+        queues: dict[str, int],
         key_age: Callable[[float], float],
         proc_path: Path = NFQUEUE_PROC,
     ) -> None:
         self.engine = engine
         self.shell = shell
-        self.queue = queue
+        self.queues = queues  # role ("traffic", "syn") -> NFQUEUE number
         self.key_age = key_age
         self.proc_path = proc_path
 
@@ -132,13 +132,18 @@ class SynproxyCollector(Collector):
         yield histogram_family(
             "synproxy_packet_handling_seconds", "Time to handle one queued packet", self.shell.handling
         )
-        q = read_queue_status(self.queue, self.proc_path)
-        if q is not None:
-            yield GaugeMetricFamily("synproxy_nfqueue_waiting", "Packets waiting in the NFQUEUE", value=q.waiting)
-            drops = CounterMetricFamily("synproxy_nfqueue_dropped", "Packets the kernel dropped", labels=["cause"])
-            drops.add_metric(["queue_full"], q.dropped_queue_full)
-            drops.add_metric(["socket_full"], q.dropped_socket_full)
-            yield drops
+        waiting = GaugeMetricFamily("synproxy_nfqueue_waiting", "Packets waiting in the NFQUEUE, by queue role",
+                                    labels=["queue"])
+        drops = CounterMetricFamily("synproxy_nfqueue_dropped", "Packets the kernel dropped, by queue role and cause",
+                                    labels=["queue", "cause"])
+        for role, number in self.queues.items():
+            q = read_queue_status(number, self.proc_path)
+            if q is not None:
+                waiting.add_metric([role], q.waiting)
+                drops.add_metric([role, "queue_full"], q.dropped_queue_full)
+                drops.add_metric([role, "socket_full"], q.dropped_socket_full)
+        yield waiting
+        yield drops
         yield GaugeMetricFamily(
             "synproxy_cookie_key_age_seconds", "Age of the current cookie key", value=self.key_age(time.time())
         )

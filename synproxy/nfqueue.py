@@ -190,12 +190,13 @@ class NfQueue:
     def fileno(self) -> int:
         return self._fd
 
-    def receive(self) -> list[tuple[int, bytes]]:
+    def receive(self, limit: int = 0) -> list[tuple[int, bytes]]:
         """Up to `batch` queued packets as (packet handle, IP packet); [] when none are waiting.
 
-        The handle is what `verdict()` takes (the kernel's id in host byte order's reading).
+        `limit` (if > 0) asks for fewer. The handle is what `verdict()` takes (the kernel's id in host byte order's reading).
         """
-        n = _recvmmsg(self._fd, self._msgs, self.config.batch, MSG_DONTWAIT, None)
+        want = self.config.batch if limit <= 0 else min(limit, self.config.batch)
+        n = _recvmmsg(self._fd, self._msgs, want, MSG_DONTWAIT, None)
         if n <= 0:
             if n < 0:
                 err = ctypes.get_errno()

@@ -46,7 +46,7 @@ class RulesError(RuntimeError):
 class RuleConfig:
     ports: tuple[int, ...]
     queue: int = 0
-    queues: int = 1  # several workers: queues queue..queue+queues-1, balanced by address
+    queues: int = 1  # workers; traffic queues queue..queue+queues-1, balanced by address
     mode: Mode = Mode.LOCAL
     mark: int = DEFAULT_MARK
     bypass: bool = False  # fail open when no proxy is bound to the queue (risky: see README)
@@ -57,15 +57,22 @@ class RuleConfig:
         for port in self.ports:
             if not 1 <= port <= 65535:
                 raise RulesError(f"port {port} is outside 1..65535")
-        if self.queues < 1 or not 0 <= self.queue <= 65535 - (self.queues - 1):
-            raise RulesError(f"queues {self.queue}..{self.queue + self.queues - 1} are outside 0..65535")
+        if self.queues < 1 or not 0 <= self.queue <= 65535 - (2 * self.queues - 1):
+            raise RulesError(f"queues {self.queue}..{self.queue + 2 * self.queues - 1} are outside 0..65535")
         if not 0 < self.mark < 2**32:
             raise RulesError(f"mark {self.mark:#x} must be a non-zero 32-bit value")
 
     @property
+    def syn_queue(self) -> int:
+        """New SYNs go to their own queues, right after the traffic queues (worker i: queue+queues+i)."""
+        return self.queue + self.queues
+
+    @property
     def fingerprint(self) -> str:
         """Short id of this configuration, stored with the installed rules."""
-        text = f"{sorted(set(self.ports))}|{self.queue}|{self.queues}|{self.mode.value}|{self.mark}|{self.bypass}"
+        # "syn-queue": the layout with separate SYN queues (rules of earlier versions differ).
+        text = f"{sorted(set(self.ports))}|{self.queue}|{self.queues}|{self.mode.value}|{self.mark}|{self.bypass}" \
+               "|syn-queue"
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -104,19 +111,23 @@ def _iptables_vars(cfg: RuleConfig) -> dict[str, str]:
     else:
         joined = ",".join(map(str, ports))
         dports, sports = f"-m multiport --dports {joined}", f"-m multiport --sports {joined}"
-    queue = f"--queue-num {cfg.queue}" if cfg.queues == 1 else f"--queue-balance {cfg.queue}:{cfg.queue + cfg.queues - 1}"
-    if cfg.bypass:
-        queue += " --queue-bypass"
-    return {"dports": dports, "sports": sports, "queue": queue, "mark": f"{cfg.mark:#x}"}
+    def target(first: int) -> str:
+        spec = f"--queue-num {first}" if cfg.queues == 1 else f"--queue-balance {first}:{first + cfg.queues - 1}"
+        return spec + " --queue-bypass" if cfg.bypass else spec
+
+    return {"dports": dports, "sports": sports, "queue": target(cfg.queue), "syn_queue": target(cfg.syn_queue),
+            "mark": f"{cfg.mark:#x}"}
 
 
 def _nft_vars(cfg: RuleConfig) -> dict[str, str]:
     ports = sorted(set(cfg.ports))
     port_set = str(ports[0]) if len(ports) == 1 else "{ " + ", ".join(map(str, ports)) + " }"
-    queue = f"num {cfg.queue}" if cfg.queues == 1 else f"num {cfg.queue}-{cfg.queue + cfg.queues - 1}"
-    if cfg.bypass:
-        queue += " bypass"
-    return {"ports": port_set, "queue": queue, "mark": f"{cfg.mark:#x}"}
+    def target(first: int) -> str:
+        spec = f"num {first}" if cfg.queues == 1 else f"num {first}-{first + cfg.queues - 1}"
+        return spec + " bypass" if cfg.bypass else spec
+
+    return {"ports": port_set, "queue": target(cfg.queue), "syn_queue": target(cfg.syn_queue),
+            "mark": f"{cfg.mark:#x}"}
 
 
 def render(cfg: RuleConfig, backend: Backend) -> str:

@@ -8,6 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from synproxy.peers import pattern_sha256
+
 from .e2e import PYTHON, Proxied, proxied
 
 pytestmark = pytest.mark.e2e
@@ -77,11 +79,33 @@ def test_connection_exhaustion_from_one_source(px: Proxied) -> None:
     hog = px.lab.popen("client2", [PYTHON, "-c", code, px.server_addr(4), "8080", str(CAP + 20), "20"],
                        stdout=-1, text=True)
     line = hog.stdout.readline()  # type: ignore[union-attr]
-
-
     got = json.loads(line)
     assert got["held"] <= CAP and got["held"] >= CAP - 5, got
     m = px.metrics()
     assert m.get('synproxy_shed_total{reason="per_source_established"}', 0) >= 10
     legit_ok(px)
     hog.kill()
+
+
+def test_download_through_a_syn_flood(px: Proxied) -> None:
+    """A SYN flood at hping3's full speed fills only the SYN queue: a download running through it
+    arrives intact and the traffic queue drops nothing, while the SYN queue overflows."""
+    m0 = px.metrics()
+    flood = px.lab.popen("client3", ["timeout", "8", "hping3", "-q", "-S", "-p", "8080", "--rand-source", "--flood",
+                                     "-c", "2000000", px.server_addr(4)])
+    try:
+        size = 20_000_000
+        res = px.client("get", px.url(4, f"/bytes/{size}"), timeout=60)
+        during = flood.poll() is None
+    finally:
+        flood.wait(20)
+    m1 = px.metrics()
+
+    def delta(name: str) -> float:
+        return m1[name] - m0.get(name, 0)  # KeyError if the series is missing
+
+    assert res["status"] == 200 and res["bytes"] == size and res["sha256"] == pattern_sha256(size), res
+    assert during, "the flood ended before the download did: nothing was tested"
+    assert delta('synproxy_nfqueue_dropped_total{cause="queue_full",queue="traffic"}') == 0
+    assert delta('synproxy_nfqueue_dropped_total{cause="socket_full",queue="traffic"}') == 0
+    assert delta('synproxy_nfqueue_dropped_total{cause="queue_full",queue="syn"}') > 0  # it was overloaded

@@ -88,7 +88,7 @@ def exported_names(collector: Collector) -> set[str]:
 @pytest.fixture(scope="module")
 def collector_names(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
     proc = fake_proc(tmp_path_factory.mktemp("proc"))
-    names = exported_names(SynproxyCollector(make_engine(), ShellStats(), 0, lambda now: 1.0, proc_path=proc))
+    names = exported_names(SynproxyCollector(make_engine(), ShellStats(), {"traffic": 0, "syn": 1}, lambda now: 1.0, proc_path=proc))
     assert "synproxy_shed_total" in names and "synproxy_nfqueue_dropped_total" in names
     return names
 
@@ -526,7 +526,7 @@ def test_panel_queries_return_data_on_a_simulated_flood(tmp_path: Path) -> None:
     proc_file = fake_proc(tmp_path)
     registry = CollectorRegistry()
     registry.register(LockedCollector(
-        SynproxyCollector(sim.engine, sim.shell, 0, lambda now: 3600.0, proc_path=proc_file), lock))
+        SynproxyCollector(sim.engine, sim.shell, {"traffic": 0, "syn": 1}, lambda now: 3600.0, proc_path=proc_file), lock))
     exporter_port, prom_port = _free_port(), _free_port()
     server, _thread = start_http_server(exporter_port, addr="127.0.0.1", registry=registry)
     shutil.copy(GRAFANA / "alerts.yml", tmp_path / "alerts.yml")
