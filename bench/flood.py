@@ -10,6 +10,7 @@ every 50 ms (3 s timeout each), and measures:
   legit ok    legitimate connections completed within 3 s
   p50/p99     their connect latency
   CPU         synproxy: its processes' CPU time / wall time; kernel defences: softirq time
+  per core    SYN-ACK/s divided by that CPU share: what one fully used core would answer
   RSS         synproxy's resident memory
 Defences: unprotected (SYN cookies off, backlog 128), kernel syncookies (on, backlog 128),
 kernel SYNPROXY (iptables SYNPROXY target), synproxy with 1 and 2 workers.
@@ -170,7 +171,7 @@ def measure(defence: str, rate: str, seconds: float) -> Row:
 
 def table(rows: list[Row]) -> str:
     head = f"{'defence':20s} {'flood':>7s} {'offered/s':>10s} {'SYN-ACK/s':>10s} {'legit ok':>14s} " \
-           f"{'p50 ms':>8s} {'p99 ms':>8s} {'CPU %':>6s} {'RSS MB':>7s}"
+           f"{'p50 ms':>8s} {'p99 ms':>8s} {'CPU %':>6s} {'per core':>9s} {'RSS MB':>7s}"
     lines = [head, "-" * len(head)]
     for r in rows:
         pct = 100 * r.ok / r.attempts if r.attempts else 0
@@ -178,7 +179,8 @@ def table(rows: list[Row]) -> str:
             f"{r.defence:20s} {r.rate:>7s} {r.offered:10,.0f} {r.synacks:10,.0f} "
             f"{f'{r.ok}/{r.attempts} ({pct:.1f}%)':>14s} "
             f"{'-' if r.p50 is None else f'{r.p50:.1f}':>8s} {'-' if r.p99 is None else f'{r.p99:.1f}':>8s} "
-            f"{r.cpu:6.0f} {'-' if r.rss_mb is None else f'{r.rss_mb:.0f}':>7s}"
+            f"{r.cpu:6.0f} {f'{100 * r.synacks / r.cpu:,.0f}' if r.cpu >= 1 else '-':>9s} "
+            f"{'-' if r.rss_mb is None else f'{r.rss_mb:.0f}':>7s}"
         )
     return "\n".join(lines)
 
