@@ -60,6 +60,9 @@ class LatencyHistogram:
         self.total += seconds * count
 
 
+_ntoa = socket.inet_ntoa
+
+
 class RawSender:
     """Sends the packets the engine builds, marked so the rules let them pass."""
 
@@ -76,12 +79,13 @@ class RawSender:
                 raise ShellError("setting the packet mark needs CAP_NET_ADMIN") from err
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
             sock.setblocking(False)
+        self._sendto4, self._sendto6 = self.v4.sendto, self.v6.sendto
 
     def send(self, action: Send) -> None:
         if action.family == 4:
-            self.v4.sendto(action.data, (socket.inet_ntop(socket.AF_INET, action.dst), 0))
+            self._sendto4(action.data, (_ntoa(action.dst), 0))
         else:
-            self.v6.sendto(action.data, (socket.inet_ntop(socket.AF_INET6, action.dst), 0, 0, 0))
+            self._sendto6(action.data, (socket.inet_ntop(socket.AF_INET6, action.dst), 0, 0, 0))
 
     def close(self) -> None:
         self.v4.close()
@@ -223,20 +227,18 @@ class Shell:
                 log.exception("engine failed on a packet; dropped it")
                 queue.verdict(handle, False)
                 continue
-            verdict = actions[0]
-            for action in actions[1:] if len(actions) > 1 else ():
-                if isinstance(action, Send):
-                    if accepts_pending:
-                        queue.flush()
-                        accepts_pending = False
-                    send(action)
-            if isinstance(verdict, Drop):
+            verdict = actions[0]  # the engine's first action is the verdict, the rest are Sends
+            if len(actions) > 1:
+                if accepts_pending:
+                    queue.flush()
+                    accepts_pending = False
+                for action in actions[1:]:
+                    send(action)  # type: ignore[arg-type]
+            if type(verdict) is Drop:
                 queue.verdict(handle, False)
-            elif isinstance(verdict, Accept):
-                queue.verdict(handle, True, verdict.payload)
+            else:
+                queue.verdict(handle, True, verdict.payload)  # type: ignore[union-attr]
                 accepts_pending = True
-            else:  # the engine's first action is always the verdict
-                raise AssertionError(f"engine returned {verdict!r} as a verdict")
         queue.flush()
         self.stats.packets += len(batch)
         self.stats.handling.observe((time.perf_counter() - start) / len(batch), len(batch))
