@@ -177,6 +177,10 @@ def _limit_options(func: Any) -> Any:
               help="First NFQUEUE number: queues Q..Q+N-1 carry traffic, Q+N..Q+2N-1 new SYNs (N = --workers).")
 @click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True, envvar="SYNPROXY_WORKERS",
               show_envvar=True, help="Worker processes, one queue each, balanced by address; share the key file.")
+@click.option("--worker-index", type=click.IntRange(0, 63), default=None, envvar="SYNPROXY_WORKER_INDEX",
+              show_envvar=True,
+              help="Serve only worker I of --workers N, unsupervised (one systemd unit per worker); "
+                   "the rules are installed separately (implies --no-rules).")
 @click.option("--mode", type=click.Choice(["local", "gateway"]), default="local", show_default=True,
               envvar="SYNPROXY_MODE", show_envvar=True,
               help="local: on the server's host; gateway: on a router in front of it.")
@@ -207,8 +211,8 @@ def _limit_options(func: Any) -> Any:
               help="Seconds an established connection may be idle before its state is dropped.")
 @_limit_options
 def run(
-    ports: tuple[int, ...], queue: int, workers: int, mode: str, wscale: int | None, mss: int | None,
-    key_file: Path, metrics_addr: str, install_rules: bool, queue_bypass: bool, queue_binding: str,
+    ports: tuple[int, ...], queue: int, workers: int, worker_index: int | None, mode: str, wscale: int | None,
+    mss: int | None, key_file: Path, metrics_addr: str, install_rules: bool, queue_bypass: bool, queue_binding: str,
     rules_backend: str | None, backend_timeout: float, idle_timeout: float, **limits: Any,
 ) -> None:
     """Run the proxy until SIGTERM or Ctrl-C (rules installed at start, removed on a clean stop)."""
@@ -221,6 +225,8 @@ def run(
 
     if not ports:
         fail("no protected port: give --port P (or port = [P] in the config file)", 2)
+    if worker_index is not None and worker_index >= workers:
+        fail(f"--worker-index {worker_index} needs --workers {worker_index + 1} or more (workers = {workers})", 2)
     if metrics_addr != "off":
         try:
             parse_addr(metrics_addr)
@@ -232,7 +238,7 @@ def run(
         fail(str(err), 2)
     _need_root("synproxy run")
     opts = RunOptions(
-        ports=tuple(sorted(set(ports))), queue=queue, workers=workers, mode=mode, wscale=wscale, mss=mss,
+        ports=tuple(sorted(set(ports))), queue=queue, workers=workers, worker_index=worker_index, mode=mode, wscale=wscale, mss=mss,
         key_file=key_file, metrics_addr=None if metrics_addr == "off" else metrics_addr,
         install_rules=install_rules, queue_bypass=queue_bypass, queue_binding=queue_binding,
         rules_backend=rules_backend,
@@ -276,9 +282,10 @@ def _rule_options(func: Any) -> Any:
         click.option("--queue", type=click.IntRange(0, 65535), default=0, show_default=True,
                      envvar="SYNPROXY_QUEUE", show_envvar=True,
                      help="First NFQUEUE number; new SYNs use the queues right after the traffic queues."),
-        click.option("--queues", type=click.IntRange(1, 64), default=1, show_default=True,
-                     envvar="SYNPROXY_QUEUES", show_envvar=True,
-                     help="Workers: N traffic queues and N SYN queues, balanced by address (--queue-balance)."),
+        click.option("--queues", "--workers", "queues", type=click.IntRange(1, 64), default=1, show_default=True,
+                     envvar=["SYNPROXY_QUEUES", "SYNPROXY_WORKERS"], show_envvar=True,
+                     help="Workers the rules feed: N traffic and N SYN queues, balanced by address "
+                          "(--queue-balance); the config key `workers` sets it for run and rules alike."),
         click.option("--mode", type=click.Choice(["local", "gateway"]), default="local", show_default=True,
                      envvar="SYNPROXY_MODE", show_envvar=True),
         click.option("--mark", type=click.IntRange(1, 2**32 - 1), default=0x5350, show_default=True,

@@ -40,6 +40,7 @@ class RunOptions:
     queue: int = 0  # traffic queue (the first, with several workers)
     workers: int = 1
     syn_queue: int | None = None  # None: queue + workers (what the rules use); set per worker
+    worker_index: int | None = None  # serve only this worker of `workers`, unsupervised, no rules
     mode: str = "local"
     wscale: int | None = None  # None = auto
     mss: int | None = None  # None = auto
@@ -96,7 +97,9 @@ def run(opts: RunOptions) -> None:
     If the process dies instead, the rules stay and queued traffic is dropped
     (fail-closed), never passed unprotected to the server.
     """
-    if opts.workers > 1:
+    if opts.worker_index is not None:
+        serve_queue(_worker_options(opts, opts.worker_index), install_rules=False, index=opts.worker_index)
+    elif opts.workers > 1:
         supervise(opts)
     else:
         serve_queue(opts, install_rules=opts.install_rules)
@@ -154,6 +157,12 @@ def serve_queue(opts: RunOptions, install_rules: bool, index: int = 0) -> None:
         log.info("queue %d stopped; %d connections were open", opts.queue, len(engine.conns))
 
 
+def _worker_options(opts: RunOptions, index: int) -> RunOptions:
+    """Worker `index` of `opts.workers`: its traffic and SYN queue, as the rules number them."""
+    return dataclasses.replace(opts, queue=opts.queue + index, syn_queue=opts.queue + opts.workers + index,
+                               workers=1, worker_index=None)
+
+
 def _worker_main(opts: RunOptions, index: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides; it sends SIGTERM
     serve_queue(opts, install_rules=False, index=index)
@@ -169,7 +178,7 @@ def supervise(opts: RunOptions) -> None:
     stopping = False
 
     def start(i: int) -> None:
-        worker = dataclasses.replace(opts, queue=opts.queue + i, syn_queue=opts.queue + opts.workers + i, workers=1)
+        worker = _worker_options(opts, i)
         proc = ctx.Process(target=_worker_main, args=(worker, i), name=f"synproxy-worker-{i}", daemon=False)
         proc.start()
         procs[i] = proc

@@ -144,7 +144,6 @@ class NfQueue:
         self._fd = self.sock.fileno()
         self._res_id = socket.htons(config.queue_num)
         self._pending: list[bytes] = []
-        self.truncated = 0  # packets longer than the copy range (passed through unmodified)
 
     # ------------------------------------------------------------ configuration
 

@@ -291,7 +291,7 @@ def test_rules_unit_is_a_oneshot_that_removes_on_stop() -> None:
     assert s["Type"] == ["oneshot"] and s["RemainAfterExit"] == ["yes"]
     assert "rules install" in s["ExecStart"][0] and "rules remove" in s["ExecStop"][0]
     w = unit_settings("synproxy@.service")
-    assert "--no-rules" in w["ExecStart"][0] and "--queue %i" in w["ExecStart"][0]
+    assert "--no-rules" in w["ExecStart"][0] and "--worker-index %i" in w["ExecStart"][0]
     assert "synproxy-rules.service" in " ".join(w["Wants"]) and "ExecStartPre" not in w
 
 
@@ -309,8 +309,9 @@ def _unit_env(name: str, instance: str = "1") -> dict[str, str]:
     return env
 
 
-def test_unit_command_lines_are_accepted_by_the_cli(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each ExecStart/ExecStop, with the example config, parses into what the unit means."""
+def test_unit_command_lines_are_accepted_by_the_cli(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Each ExecStart/ExecStop, with the example config (and `workers = 2` for the per-worker units),
+    parses into what the unit means."""
     import synproxy.daemon
     import synproxy.rules
 
@@ -327,18 +328,27 @@ def test_unit_command_lines_are_accepted_by_the_cli(monkeypatch: pytest.MonkeyPa
     single = seen.pop()
     assert single.ports == (8080,) and single.install_rules and single.metrics_addr == "127.0.0.1:9531"
 
+    two = tmp_path / "synproxy.toml"
+    two.write_text(config.read_text().replace("# workers = 1", "workers = 2"))
     worker = unit_settings("synproxy@.service")["ExecStart"][0]
-    res = runner.invoke(cli.main, _argv(worker, config, "1"), env={**clean, **_unit_env("synproxy@.service", "1")})
+    res = runner.invoke(cli.main, _argv(worker, two, "1"), env={**clean, **_unit_env("synproxy@.service", "1")})
     assert res.exit_code == 0, res.output
     w = seen.pop()
-    assert (w.queue, w.workers, w.install_rules, w.metrics_addr) == (1, 1, False, "127.0.0.1:9531")
+    assert (w.worker_index, w.workers, w.install_rules) == (1, 2, False)
+    served = synproxy.daemon._worker_options(w, 1)
+    assert (served.queue, served.syn_queue, served.workers) == (1, 3, 1)  # what the rules below feed
+    assert synproxy.daemon._metrics_addr(w, 1) == "127.0.0.1:9532"
     assert str(w.key_file) == "/var/lib/synproxy/cookie.key"
+    res = runner.invoke(cli.main, _argv(worker, two, "2"), env={**clean, **_unit_env("synproxy@.service", "2")})
+    assert res.exit_code == 2 and "--worker-index 2 needs --workers 3" in res.output
 
     rules = unit_settings("synproxy-rules.service")
     env = {**clean, **_unit_env("synproxy-rules.service"), "SYNPROXY_BACKEND": "iptables"}
-    res = runner.invoke(cli.main, [*_argv(rules["ExecStart"][0], config), "--dry-run"], env=env)
+    res = runner.invoke(cli.main, [*_argv(rules["ExecStart"][0], two), "--dry-run"], env=env)
     assert res.exit_code == 0, res.output
-    assert "--queue-balance 0:1" in res.output  # SYNPROXY_QUEUES=2 from the unit, first queue from the config
+    # `workers = 2` from the config: traffic on queues 0-1, SYNs on 2-3.
+    assert "--queue-balance 0:1" in res.output and "--syn --dport 8080 -m addrtype --dst-type LOCAL -j NFQUEUE " \
+        "--queue-balance 2:3" in res.output
     res = runner.invoke(cli.main, _argv(rules["ExecStop"][0], config), env=env)
     assert res.exit_code == 0 and seen.pop()[0] == "removed", res.output
 
