@@ -130,6 +130,7 @@ def seq_after(a: int, b: int) -> bool:
 
 ConnKey = tuple[int, bytes, int, bytes, int]  # family, client addr, client port, server addr, server port
 ServerKey = tuple[int, bytes, int]
+SynAckPlan = tuple[int, int, bool, bool]  # window, MSS, SACK-permitted, timestamps
 
 
 @dataclass(slots=True)
@@ -234,6 +235,8 @@ class Engine:
         self.stats = Stats()
         self.limits = Limits(config.limits)
         self._profiles: dict[ServerKey, BackendProfile] = {}
+        # What a SYN-ACK from each server says, from its profile: see _synack_plan.
+        self._synack_plans: dict[ServerKey, SynAckPlan] = {}
         # window scale advertised per server and cookie slot: the cookie has no room
         # for it, and the translation must know what the client was told.
         self._advertised_wscale: dict[tuple[ServerKey, int], int] = {}
@@ -342,21 +345,32 @@ class Engine:
         if shed is not None:
             stats.shed[shed.value] += 1
             return [_SHED_DROPS[shed]]
-        prof = self._profiles.get((family, dst, dport))
-        if prof is None:
-            prof = self.config.default_profile if family == 4 else self._default_v6
-        sack = sack_ok and prof.sack_ok
+        skey: ServerKey = (family, dst, dport)
+        plan = self._synack_plans.get(skey)
+        if plan is None:
+            plan = self._synack_plan(skey)
+        window, our_mss, our_sack, our_ts = plan
+        sack = sack_ok and our_sack
         cookies = self.cookies
         cookie = cookies.make_for_syn(family, src, dst, sport, dport, seq, mss, wscale, sack, now)
         if wscale is not None:
-            wscale = self._wscale_for_slot((family, dst, dport), cookies.slot(now))
+            wscale = self._wscale_for_slot(skey, cookies.slot(now))
         synack = P.build_synack(
-            family, dst, src, dport, sport, cookie, seq + 1,
-            min(prof.window, MAX_WINDOW_FIELD), self._advertised_mss(prof), sack, wscale,
-            self._ts_clock(now) if tsval is not None and prof.ts_ok else None, tsval or 0,
+            family, dst, src, dport, sport, cookie, seq + 1, window, our_mss, sack, wscale,
+            self._ts_clock(now) if tsval is not None and our_ts else None, tsval or 0,
         )
         stats.synack_sent += 1
         return [_SYN_ANSWERED, Send(family, src, synack, Direction.FROM_SERVER, "synack")]
+
+    def _synack_plan(self, skey: ServerKey) -> SynAckPlan:
+        """What `_answer_syn` takes from the server's profile, cached until it changes
+        (learn_profile). The cache is bounded: SYNs may name any server address."""
+        prof = self.profile(*skey)
+        plan = (min(prof.window, MAX_WINDOW_FIELD), self._advertised_mss(prof), prof.sack_ok, prof.ts_ok)
+        if len(self._synack_plans) >= 4096:
+            self._synack_plans.clear()
+        self._synack_plans[skey] = plan
+        return plan
 
     def handle(self, pkt: Packet, direction: Direction, now: float) -> list[Action]:
         """Handle one packet; the first action is always its verdict."""
@@ -423,7 +437,9 @@ class Engine:
         if len(self._profiles) > 4096 and (family, server, port) not in self._profiles:
             self.stats.evicted["profiles"] += len(self._profiles)
             self._profiles.clear()  # bounded; only validated handshakes ever add entries
+            self._synack_plans.clear()
         self._profiles[(family, server, port)] = profile
+        self._synack_plans.pop((family, server, port), None)
 
     def profile(self, family: int, server: bytes, port: int) -> BackendProfile:
         """What the server announced last, or the default until it has been seen."""

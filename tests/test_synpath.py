@@ -277,3 +277,24 @@ def test_garbage_with_fixed_lengths_never_raises() -> None:
         data = bytes(raw)
         assert fast.handle_raw(data, T0 + i) == slow.handle_raw(data, T0 + i)
     same_state(fast, slow)
+
+
+def test_synack_plans_stay_bounded_and_follow_profile_changes() -> None:
+    """SYNs may name any server address (a gateway): the per-server cache is bounded,
+    and a profile learned between two SYNs shows in the next SYN-ACK."""
+    fast, slow = engines("default", None)
+    for i in range(5000):
+        server, client = bytes((198, 19, i >> 8, i & 0xFF)), bytes((198, 18, 100 + (i >> 8), i & 0xFF))
+        raw = client_packet(4, client, server, 40000, PORT, i, 0, SYN, P.encode_options(TcpOptions(mss=1460)))
+        assert fast.handle_raw(raw, T0) == slow.handle_raw(raw, T0)
+    assert len(fast._synack_plans) <= 4096
+    syn = client_packet(4, CLIENTS[4][0], SERVERS[4][0], 40000, PORT, 1, 0, SYN,
+                        P.encode_options(TcpOptions(mss=1460, sack_ok=True, ts=(5, 0), wscale=7)))
+    before = fast.handle_raw(syn, T0)
+    assert before == slow.handle_raw(syn, T0)
+    for eng in (fast, slow):
+        eng.learn_profile(4, SERVERS[4][0], PORT, PROFILES[1])
+    after = fast.handle_raw(syn, T0)
+    assert after == slow.handle_raw(syn, T0) and after != before
+    assert P.parse(after[1].data).options.mss == 1400  # type: ignore[union-attr]
+    same_state(fast, slow)
