@@ -273,64 +273,75 @@ class Engine:
     def handle_raw(self, data: bytes, now: float) -> list[Action]:
         """Parse, classify and handle one queued packet; bad packets are counted and dropped.
 
-        The packets of a flood (a SYN, or an ACK without state, to a protected
-        port) go the fast path `_flood`; the actions and counts are the same.
+        With `fast_paths` (the default) a packet whose headers P.peek can read
+        goes through `_handle_peeked`: the same actions and counts, less work.
         """
         if self.fast_paths:
             head = P.peek(data)
             if head is not None:
-                out = self._flood(data, head, now)
+                out = self._handle_peeked(data, head, now)
                 if out is not None:
                     return out
         try:
             pkt = P.parse(data)
         except PacketError as err:
-            self.stats.malformed[err.reason] += 1
-            return [Drop("malformed")]
+            return self._malformed(err)
         direction = self.classify(pkt)
         if direction is None:
             self.stats.dropped["not_protected"] += 1
             return [Accept()]
         return self.handle(pkt, direction, now)
 
-    def _flood(self, data: bytes, head: P.Peeked, now: float) -> list[Action] | None:
-        """The flood fast path: what `handle` does with a SYN, or with an ACK that
-        has no state, to a protected port, without a Packet (about a third of the
-        cost: a spoofed flood is bounded by it).
+    def _handle_peeked(self, data: bytes, head: P.Peeked, now: float) -> list[Action] | None:
+        """`handle_raw` for a packet P.peek read (no IP options or extension headers, unfragmented).
 
-        It answers a SYN without payload and rejects an ACK whose cookie fails;
-        an ACK whose cookie validates is parsed and goes on as usual. None (the
-        caller takes the general path) for everything else: a tuple with state
-        (a closing connection may take a SYN or ACK differently), a SYN with data
-        (TCP Fast Open), malformed options, other flags; P.peek already returned
-        None for IP options, IPv6 extension headers, fragments and odd lengths.
+        The flood fast path: a SYN without payload, or an ACK, to a protected port
+        on a tuple without state is answered from the peeked fields and what
+        P.scan_options reads, without a Packet, at well under half the general
+        path's cost, which bounds how many SYNs per second one core can answer.
         `_answer_syn` and `_validate` remain the reference: tests/test_synpath.py
         checks that both paths give the same bytes and counts.
+
+        Everything else (state on the tuple, a SYN with data such as TCP Fast
+        Open, malformed options, other flags, the server's packets) gets its
+        Packet from P.from_peeked (parse() without reading the headers again) and
+        the general handling. None for a packet to neither port: the caller parses it.
         """
         family, src, dst, sport, dport, seq, ack, flags, opt_start, opt_end = head
-        if dport not in self.config.ports:
-            return None
-        key: ConnKey = (family, src, sport, dst, dport)
-        if key in self.conns:
-            return None
-        kind = flags & (SYN | ACK | RST)
-        if kind == SYN:
-            if opt_end != len(data):
-                return None
-            opts = P.scan_options(data, opt_start, opt_end)
-            if opts is None:
-                return None
-            return self._fast_synack(family, src, dst, sport, dport, seq, opts, now)
-        if kind == ACK:
-            if P.scan_options(data, opt_start, opt_end) is None:
-                return None
-            client_isn = (seq - 1) & U32
-            match = self.cookies.check(family, src, dst, sport, dport, client_isn, (ack - 1) & U32, now)
-            if match is None:
-                self.stats.ack_invalid["cookie"] += 1
-                return [_COOKIE_INVALID]
-            return self._cookie_valid(P.parse(data), key, None, client_isn, match, now)
+        ports = self.config.ports
+        if dport in ports:
+            key: ConnKey = (family, src, sport, dst, dport)
+            conn = self.conns.get(key)
+            if conn is None:
+                kind = flags & (SYN | ACK | RST)
+                if kind == SYN:
+                    opts = P.scan_options(data, opt_start, opt_end) if opt_end == len(data) else None
+                    if opts is not None:
+                        return self._fast_synack(family, src, dst, sport, dport, seq, opts, now)
+                elif kind == ACK and P.scan_options(data, opt_start, opt_end) is not None:
+                    client_isn = (seq - 1) & U32
+                    match = self.cookies.check(family, src, dst, sport, dport, client_isn, (ack - 1) & U32, now)
+                    if match is None:
+                        self.stats.ack_invalid["cookie"] += 1
+                        return [_COOKIE_INVALID]
+                    return self._cookie_valid(P.from_peeked(data, head), key, None, client_isn, match, now)
+            try:
+                pkt = P.from_peeked(data, head)
+            except PacketError as err:
+                return self._malformed(err)
+            return self._client_packet(pkt, key, conn, now)
+        if sport in ports:
+            try:
+                pkt = P.from_peeked(data, head)
+            except PacketError as err:
+                return self._malformed(err)
+            key = (family, dst, dport, src, sport)
+            return self._server_packet(pkt, key, self.conns.get(key), now)
         return None
+
+    def _malformed(self, err: PacketError) -> list[Action]:
+        self.stats.malformed[err.reason] += 1
+        return [Drop("malformed")]
 
     def _fast_synack(
         self, family: int, src: bytes, dst: bytes, sport: int, dport: int, seq: int,
@@ -376,15 +387,21 @@ class Engine:
         """Handle one packet; the first action is always its verdict."""
         if direction is Direction.FROM_CLIENT:
             key: ConnKey = (pkt.family, pkt.src, pkt.sport, pkt.dst, pkt.dport)
-            conn = self.conns.get(key)
-            if conn is None:
-                return self._from_client_stateless(pkt, key, None, now)
-            if conn.state is State.CLOSING and pkt.flags & (SYN | ACK | RST) in (SYN, ACK):
-                # Perhaps a new connection on the same tuple right after the old one.
-                return self._from_client_stateless(pkt, key, conn, now)
-            return self._from_client(pkt, key, conn, now)
+            return self._client_packet(pkt, key, self.conns.get(key), now)
         key = (pkt.family, pkt.dst, pkt.dport, pkt.src, pkt.sport)
-        conn = self.conns.get(key)
+        return self._server_packet(pkt, key, self.conns.get(key), now)
+
+    def _client_packet(self, pkt: Packet, key: ConnKey, conn: Conn | None, now: float) -> list[Action]:
+        """A client's packet and the state of its tuple, if any."""
+        if conn is None:
+            return self._from_client_stateless(pkt, key, None, now)
+        if conn.state is State.CLOSING and pkt.flags & (SYN | ACK | RST) in (SYN, ACK):
+            # Perhaps a new connection on the same tuple right after the old one.
+            return self._from_client_stateless(pkt, key, conn, now)
+        return self._from_client(pkt, key, conn, now)
+
+    def _server_packet(self, pkt: Packet, key: ConnKey, conn: Conn | None, now: float) -> list[Action]:
+        """A server's packet and the state of its tuple, if any."""
         if conn is None:
             return self._from_server_stateless(pkt)
         return self._from_server(pkt, key, conn, now)

@@ -431,6 +431,24 @@ def peek(data: bytes) -> Peeked | None:
     return None
 
 
+_unpack_window_urgent = struct.Struct("!HxxH").unpack_from
+
+
+def from_peeked(data: bytes, head: Peeked) -> Packet:
+    """parse(data) for a packet peek() returned `head` for (the same Packet, or the
+    same PacketError for bad options) without reading the headers again."""
+    family, src, dst, sport, dport, seq, ack, flags, opt_start, opt_end = head
+    window, urgent = _unpack_window_urgent(data, opt_start - 6)
+    pkt = Packet(
+        data, family, src, dst, sport, dport, seq, ack, flags, window, urgent,
+        _NO_OPTIONS if opt_end == opt_start else TcpOptions(), opt_start - 20, opt_end - opt_start + 20,
+        len(data) - opt_end,
+    )
+    if opt_end > opt_start:
+        _parse_options(pkt)
+    return pkt
+
+
 # Linux's SYN options: MSS, SACK-permitted, timestamps, NOP, window scale.
 _LINUX_SYN_OPTIONS = struct.Struct("!HHIIII").unpack_from
 _NOP_NOP_TS = bytes((OPT_NOP, OPT_NOP, OPT_TIMESTAMP, 10))

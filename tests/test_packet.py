@@ -180,7 +180,7 @@ def test_build_synack_zero_sum_checksum_like_build() -> None:
     b"\x02\x03\x05", b"\x03\x04\x07\x00", b"\x04\x03\x00", b"\x05\x06\x00\x00\x00\x00", b"\x08\x08" + bytes(6),
     b"\x07\x01", b"\x07", b"\x09\xff",
 ]), max_size=8), family=st.sampled_from([4, 6]), payload=st.sampled_from([b"", b"data"]))
-def test_peek_and_scan_options_read_what_parse_reads(options: list[bytes], family: int, payload: bytes) -> None:
+def test_peek_scan_options_and_from_peeked_read_what_parse_reads(options: list[bytes], family: int, payload: bytes) -> None:
     opts = b"".join(options)[:40]
     opts += bytes(-len(opts) % 4)
     src, dst = V4 if family == 4 else V6
@@ -192,24 +192,37 @@ def test_peek_and_scan_options_read_what_parse_reads(options: list[bytes], famil
     assert head[8] == pkt.tcp_offset + 20 and head[9] == pkt.tcp_offset + pkt.tcp_header_len
     got = P.scan_options(raw, head[8], head[9])
     try:
-        o = P.parse(raw).options
+        whole = P.parse(raw)
     except P.PacketError as err:
         assert err.reason == "bad_tcp_option" and got is None
+        with pytest.raises(P.PacketError, match="bad_tcp_option"):
+            P.from_peeked(raw, head)
     else:
+        o = whole.options
         assert got == (o.mss, o.wscale, o.sack_ok, None if o.ts is None else o.ts[0])
+        assert P.from_peeked(raw, head) == whole
 
 
 @settings(max_examples=3000, deadline=None)
 @given(st.binary(max_size=100), st.integers(0, 2))
-def test_peek_accepts_only_what_parse_accepts(data: bytes, prefix: int) -> None:
-    base = [b"", bytes(IP(src="1.2.3.4", dst="5.6.7.8") / TCP()), bytes(IPv6() / TCP())][prefix]
+def test_peek_accepts_only_what_parse_accepts_and_from_peeked_is_parse(data: bytes, prefix: int) -> None:
+    opts = [("MSS", 1460), ("SAckOK", b""), ("Timestamp", (1, 2)), ("WScale", 7), ("SAck", (5, 6))]
+    base = [b"", bytes(IP(src="1.2.3.4", dst="5.6.7.8") / TCP(options=opts)), bytes(IPv6() / TCP())][prefix]
     buf = bytearray(base + data)
     rnd = random.Random(len(data))
     for _ in range(3 if base and data else 0):
         buf[rnd.randrange(len(buf))] = rnd.randrange(256)
     raw = bytes(buf)
     head = P.peek(raw)
-    if head is not None:
-        pkt = P.parse(raw)  # never raises for what peek took
-        assert head[:8] == (pkt.family, pkt.src, pkt.dst, pkt.sport, pkt.dport, pkt.seq, pkt.ack, pkt.flags)
-        assert head[9] == pkt.tcp_offset + pkt.tcp_header_len and len(raw) == head[9] + pkt.payload_len
+    if head is None:
+        return
+    try:
+        pkt = P.parse(raw)  # raises for bad options only: the headers are fine
+    except P.PacketError as err:
+        assert err.reason == "bad_tcp_option"
+        with pytest.raises(P.PacketError, match="bad_tcp_option"):
+            P.from_peeked(raw, head)
+        return
+    assert head[:8] == (pkt.family, pkt.src, pkt.dst, pkt.sport, pkt.dport, pkt.seq, pkt.ack, pkt.flags)
+    assert head[9] == pkt.tcp_offset + pkt.tcp_header_len and len(raw) == head[9] + pkt.payload_len
+    assert P.from_peeked(raw, head) == pkt

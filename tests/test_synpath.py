@@ -1,11 +1,12 @@
-"""The flood fast path (Engine._flood) against the general path it shortcuts.
+"""The fast paths of handle_raw (Engine._handle_peeked) against the general path.
 
 Two engines with the same key, configuration and clock see the same packets
 through `handle_raw`, one with `fast_paths=False` (parse + handle, the
 reference): every action, byte for byte, and every counter must agree, for
 randomised SYNs (IPv4 and IPv6, any option layout, clamped MSS values, ECN and
-other flags), bogus and valid ACKs, rate-limited and capped sources, and tuples
-that have state. Garbage that looks like a SYN must never raise.
+other flags), bogus and valid ACKs, rate-limited and capped sources, tuples
+that have state, and the traffic of connections once open. Garbage that looks
+like a SYN must never raise.
 """
 
 from __future__ import annotations
@@ -149,6 +150,7 @@ class Run:
         self.now = T0
         self.synacks: list[tuple[bytes, P.Packet]] = []  # (the SYN, our SYN-ACK)
         self.syns_to_server: list[P.Packet] = []
+        self.updates: list[P.Packet] = []  # window updates: the proxy's side of open connections
 
     def feed(self, raw: bytes) -> list[Action]:
         got = self.fast.handle_raw(raw, self.now)
@@ -160,6 +162,8 @@ class Run:
                 self.synacks.append((raw, P.parse(action.data)))
             if isinstance(action, Send) and action.kind == "syn":
                 self.syns_to_server.append(P.parse(action.data))
+            if isinstance(action, Send) and action.kind == "window_update":
+                self.updates.append(P.parse(action.data))
         return got
 
 
@@ -170,7 +174,8 @@ def test_fast_path_gives_the_same_actions_and_counts(config: str, profile: Backe
     run = Run(config, profile)
     draw = data.draw
     for _ in range(draw(st.integers(1, 40))):
-        step = draw(st.sampled_from(["syn"] * 6 + ["ack", "bogus_ack", "server_synack", "client_rst", "wait"]))
+        step = draw(st.sampled_from(["syn"] * 6 + ["ack", "bogus_ack", "server_synack", "client_rst", "wait"]
+                                    + ["client_data", "server_data"] * 2))
         if step == "syn":
             raw, _ = draw(syn_packets())
             run.feed(raw)
@@ -199,6 +204,20 @@ def test_fast_path_gives_the_same_actions_and_counts(config: str, profile: Backe
         elif step == "client_rst" and run.syns_to_server:
             syn = draw(st.sampled_from(run.syns_to_server))
             run.feed(client_packet(syn.family, syn.src, syn.dst, syn.sport, syn.dport, syn.seq + 1, 0, RST, b""))
+        elif step == "client_data" and run.updates:
+            upd = draw(st.sampled_from(run.updates))  # server -> client: swap the ends
+            flags = draw(st.sampled_from([ACK, ACK | PSH, ACK | FIN, RST, ACK | RST, SYN, SYN | ACK]))
+            opts = draw(st.sampled_from([b"", P.encode_options(TcpOptions(ts=(700, 3), sack=((upd.seq + 5, upd.seq + 9),))),
+                                         b"\x08\x0a" + bytes(6)]))
+            run.feed(client_packet(upd.family, upd.dst, upd.src, upd.dport, upd.sport, upd.ack,
+                                   upd.seq + draw(st.sampled_from([0, 1, 100])), flags, opts,
+                                   draw(st.sampled_from([b"", b"more data"]))))
+        elif step == "server_data" and run.syns_to_server:
+            syn = draw(st.sampled_from(run.syns_to_server))
+            flags = draw(st.sampled_from([ACK, ACK | PSH, ACK | FIN, RST, SYN | ACK]))
+            run.feed(P.build(syn.family, syn.dst, syn.src, syn.dport, syn.sport, 5_000_001, syn.seq + 1, flags, 500,
+                             draw(st.sampled_from([b"", P.encode_options(TcpOptions(ts=(120, 700)))])),
+                             draw(st.sampled_from([b"", b"response"]))))
         elif step == "wait":
             run.now += draw(st.sampled_from([0.001, 0.5, 1.0, 11.0, 70.0, 200.0]))
             assert run.fast.handle_timer(run.now) == run.slow.handle_timer(run.now)
@@ -235,11 +254,19 @@ def test_a_plain_syn_and_a_bogus_ack_are_not_parsed(family: int, monkeypatch: py
     client_packet(6, CLIENTS[6][0], SERVERS[6][0], 40000, PORT, 1, 0, SYN, b"\x02\x03\x05\x00"),  # bad MSS length
     client_packet(4, CLIENTS[4][0], SERVERS[4][0], 40000, PORT, 1, 0, SYN, b"", b"TFO data"),
     client_packet(4, CLIENTS[4][0], SERVERS[4][0], 40000, PORT, 1, 0, SYN | ACK, b""),
+    client_packet(4, CLIENTS[4][0], SERVERS[4][0], 40000, 81, 1, 0, SYN, b""),  # not protected
 ])
-def test_unusual_packets_take_the_general_path(raw: bytes) -> None:
+def test_unusual_packets_take_the_general_path(raw: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
     fast, slow = engines("default", None)
-    assert P.peek(raw) is None or fast._flood(raw, P.peek(raw), T0) is None  # type: ignore[arg-type]
-    assert fast.handle_raw(raw, T0) == slow.handle_raw(raw, T0)
+    want = slow.handle_raw(raw, T0)
+    built = []
+    for name in ("parse", "from_peeked"):
+        def spy(*args: object, _real=getattr(P, name)) -> P.Packet:  # type: ignore[no-untyped-def]
+            built.append(args)
+            return _real(*args)
+        monkeypatch.setattr(P, name, spy)
+    assert fast.handle_raw(raw, T0) == want
+    assert built  # a Packet was made: not answered by the SYN fast path
     same_state(fast, slow)
 
 
