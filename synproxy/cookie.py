@@ -213,6 +213,37 @@ class CookieMaker:
         mac = int.from_bytes(h.digest(), "big")
         return mac << 8 | (data8 ^ (mac >> 16))
 
+    def make_for_syn(
+        self,
+        family: int,
+        src: bytes,
+        dst: bytes,
+        sport: int,
+        dport: int,
+        client_isn: int,
+        mss: int | None,
+        wscale: int | None,
+        sack_ok: bool,
+        now: float,
+    ) -> int:
+        """`make(..., encode_options(family, mss, wscale, sack_ok), now)` in one call,
+        without the options object: the engine's SYN fast path. The caller vouches
+        for the family (4 or 6) and the address lengths."""
+        table = MSS_TABLES[family]
+        index = bisect_right(table, DEFAULT_MSS[family] if mss is None else mss) - 1
+        if wscale is None:
+            code = WSCALE_NONE
+        else:
+            code = MAX_WSCALE if wscale > MAX_WSCALE else wscale  # parsed from a byte: never < 0
+        data8 = (index if index > 0 else 0) << 5 | (0x10 if sack_ok else 0) | code
+        if self._hot_start <= now < self._hot_end:
+            h = self._hot_proto.copy()
+        else:
+            h = self._current.proto(self._move_hot(now)).copy()  # ValueError for nan/inf
+        h.update(_MSG[family].pack(family, data8, src, dst, sport, dport, client_isn))
+        mac = int.from_bytes(h.digest(), "big")
+        return mac << 8 | (data8 ^ (mac >> 16))
+
     def check(
         self,
         family: int,

@@ -125,6 +125,9 @@ class Limits:
             else None
         )
         self._global = GlobalBucket(config.synack_rate_global) if config.synack_rate_global else None
+        # Prefix lengths for source_key, None for a whole address (the default): once per SYN.
+        self._v4_bits = None if config.source_prefix_v4 == 32 else config.source_prefix_v4
+        self._v6_bits = None if config.source_prefix_v6 == 128 else config.source_prefix_v6
 
     @property
     def sources(self) -> set[bytes]:
@@ -132,8 +135,8 @@ class Limits:
         return set(self.pending_by_source) | set(self.established_by_source)
 
     def source_key(self, family: int, addr: bytes) -> bytes:
-        bits = self.config.source_prefix_v4 if family == 4 else self.config.source_prefix_v6
-        return prefix_of(addr, bits)
+        bits = self._v4_bits if family == 4 else self._v6_bits
+        return addr if bits is None else prefix_of(addr, bits)
 
     def _over_cap(self, source: bytes) -> Shed | None:
         cfg = self.config

@@ -85,6 +85,23 @@ def test_round_trip_with_an_equal_but_not_interned_options_object(
     assert m.make(family, src, dst, sport, dport, isn, copy, now) == m.make(family, src, dst, sport, dport, isn, opts, now)
 
 
+@given(t=tuples(), o=syn_options(), now=nows, late=st.booleans())
+def test_make_for_syn_is_make_of_the_encoded_options(
+    t: tuple[int, bytes, bytes, int, int, int], o: tuple[int | None, int | None, bool], now: float, late: bool
+) -> None:
+    """The engine's SYN fast path makes the very cookie the general path makes,
+    whichever of the two primes the hot-slot cache (and for a late `now` too)."""
+    family, src, dst, sport, dport, isn = t
+    fast, slow = maker(), maker()
+    if late:
+        fast.make_for_syn(family, src, dst, sport, dport, isn, *o, now + 3 * S)
+        slow.make(family, src, dst, sport, dport, isn, slow.encode_options(family, *o), now + 3 * S)
+    want = slow.make(family, src, dst, sport, dport, isn, slow.encode_options(family, *o), now)
+    assert fast.make_for_syn(family, src, dst, sport, dport, isn, *o, now) == want
+    assert slow.make_for_syn(family, src, dst, sport, dport, isn, *o, now) == want
+    assert fast.check(family, src, dst, sport, dport, isn, want, now) == (slow.encode_options(family, *o), fast.slot(now))
+
+
 @given(t=tuples(), o=syn_options(), now=nows)
 def test_deterministic_within_a_slot_and_across_instances(
     t: tuple[int, bytes, bytes, int, int, int], o: tuple[int | None, int | None, bool], now: float

@@ -137,3 +137,92 @@ def test_fuzz_parse_raises_only_packet_error(data: bytes, prefix: int) -> None:
         P.parse(bytes(buf))
     except P.PacketError:
         pass
+
+
+# ------------------------------------------------------------------ flood fast path helpers
+
+u32 = st.integers(0, 2**32 - 1)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(family=st.sampled_from([4, 6]), data=st.data(), sport=st.integers(0, 65535), dport=st.integers(0, 65535),
+       seq=u32, ack=st.integers(0, 2**32), window=st.integers(0, 65535), mss=st.integers(0, 65535),
+       sack_ok=st.booleans(), wscale=st.none() | st.integers(0, 255), ts=st.none() | st.tuples(u32, u32))
+def test_build_synack_is_build_byte_for_byte(
+    family: int, data: st.DataObject, sport: int, dport: int, seq: int, ack: int, window: int, mss: int,
+    sack_ok: bool, wscale: int | None, ts: tuple[int, int] | None,
+) -> None:
+    n = 4 if family == 4 else 16
+    src = data.draw(st.binary(min_size=n, max_size=n))
+    dst = data.draw(st.binary(min_size=n, max_size=n))
+    want = P.build(family, src, dst, sport, dport, seq, ack, P.SYN | P.ACK, window,
+                   P.TcpOptions(mss=mss, wscale=wscale, sack_ok=sack_ok, ts=ts))
+    got = P.build_synack(family, src, dst, sport, dport, seq, ack, window, mss, sack_ok, wscale,
+                         None if ts is None else ts[0], 0 if ts is None else ts[1])
+    assert got == want
+
+
+def test_build_synack_zero_sum_checksum_like_build() -> None:
+    """A segment whose words sum to 0 mod 0xffff: both builders write 0xffff there."""
+    src, dst = V4
+    base = P.build_synack(4, src, dst, 80, 40000, 0, 0, 0, 1460, False, None, None)
+    csum = int.from_bytes(base[36:38], "big")
+    seq = csum  # = 0xffff - (sum mod 0xffff): with it in the seq field the sum is 0 mod 0xffff
+    want = P.build(4, src, dst, 80, 40000, seq, 0, P.SYN | P.ACK, 0, P.TcpOptions(mss=1460))
+    assert P.build_synack(4, src, dst, 80, 40000, seq, 0, 0, 1460, False, None, None) == want
+    assert want[36:38] == b"\xff\xff" and P.checksum_ok(P.parse(want))
+
+
+@settings(max_examples=3000, deadline=None)
+@given(options=st.lists(st.sampled_from([
+    b"\x00", b"\x01", b"\x02\x04\x05\xb4", b"\x03\x03\x07", b"\x04\x02", b"\x08\x0a" + bytes(range(8)),
+    b"\x05\x0a" + bytes(8), b"\x05\x12" + bytes(16), b"\x22\x02", b"\xfd\x04\xab\xcd",
+    b"\x02\x03\x05", b"\x03\x04\x07\x00", b"\x04\x03\x00", b"\x05\x06\x00\x00\x00\x00", b"\x08\x08" + bytes(6),
+    b"\x07\x01", b"\x07", b"\x09\xff",
+]), max_size=8), family=st.sampled_from([4, 6]), payload=st.sampled_from([b"", b"data"]))
+def test_peek_scan_options_and_from_peeked_read_what_parse_reads(options: list[bytes], family: int, payload: bytes) -> None:
+    opts = b"".join(options)[:40]
+    opts += bytes(-len(opts) % 4)
+    src, dst = V4 if family == 4 else V6
+    raw = P.build(family, src, dst, 40000, 80, 123, 456, P.SYN | P.ECE | P.CWR, 1000, opts, payload)
+    head = P.peek(raw)
+    pkt = P.parse(raw.replace(opts, bytes(len(opts)), 1)) if opts else P.parse(raw)  # the header alone
+    assert head is not None
+    assert head[:8] == (family, src, dst, 40000, 80, 123, 456, P.SYN | P.ECE | P.CWR)
+    assert head[8] == pkt.tcp_offset + 20 and head[9] == pkt.tcp_offset + pkt.tcp_header_len
+    got = P.scan_options(raw, head[8], head[9])
+    try:
+        whole = P.parse(raw)
+    except P.PacketError as err:
+        assert err.reason == "bad_tcp_option" and got is None
+        with pytest.raises(P.PacketError, match="bad_tcp_option"):
+            P.from_peeked(raw, head)
+    else:
+        o = whole.options
+        assert got == (o.mss, o.wscale, o.sack_ok, None if o.ts is None else o.ts[0])
+        assert P.from_peeked(raw, head) == whole
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.binary(max_size=100), st.integers(0, 2))
+def test_peek_accepts_only_what_parse_accepts_and_from_peeked_is_parse(data: bytes, prefix: int) -> None:
+    opts = [("MSS", 1460), ("SAckOK", b""), ("Timestamp", (1, 2)), ("WScale", 7), ("SAck", (5, 6))]
+    base = [b"", bytes(IP(src="1.2.3.4", dst="5.6.7.8") / TCP(options=opts)), bytes(IPv6() / TCP())][prefix]
+    buf = bytearray(base + data)
+    rnd = random.Random(len(data))
+    for _ in range(3 if base and data else 0):
+        buf[rnd.randrange(len(buf))] = rnd.randrange(256)
+    raw = bytes(buf)
+    head = P.peek(raw)
+    if head is None:
+        return
+    try:
+        pkt = P.parse(raw)  # raises for bad options only: the headers are fine
+    except P.PacketError as err:
+        assert err.reason == "bad_tcp_option"
+        with pytest.raises(P.PacketError, match="bad_tcp_option"):
+            P.from_peeked(raw, head)
+        return
+    assert head[:8] == (pkt.family, pkt.src, pkt.dst, pkt.sport, pkt.dport, pkt.seq, pkt.ack, pkt.flags)
+    assert head[9] == pkt.tcp_offset + pkt.tcp_header_len and len(raw) == head[9] + pkt.payload_len
+    assert P.from_peeked(raw, head) == pkt
