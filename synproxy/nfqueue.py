@@ -26,6 +26,7 @@ NFNL_SUBSYS_QUEUE = 3
 NFQNL_MSG_PACKET = 0
 NFQNL_MSG_VERDICT = 1
 NFQNL_MSG_CONFIG = 2
+NFQNL_MSG_VERDICT_BATCH = 3
 NLMSG_ERROR = 2
 NLM_F_REQUEST = 1
 NLM_F_ACK = 4
@@ -64,6 +65,7 @@ _HEAD = struct.Struct("=4xH16xHI")
 _NF_DROP_BE = socket.htonl(NF_DROP)
 _NF_ACCEPT_BE = socket.htonl(NF_ACCEPT)
 _VERDICT_TYPE = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_VERDICT
+_BATCH_TYPE = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_VERDICT_BATCH
 _PACKET_TYPE = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET
 
 
@@ -143,7 +145,10 @@ class NfQueue:
         self._payload_at = 0
         self._fd = self.sock.fileno()
         self._res_id = socket.htons(config.queue_num)
-        self._pending: list[bytes] = []
+        self._pending: list[bytes] = []  # verdict messages other than plain drops
+        self._drops: list[int] = []  # handles to drop
+        self._unanswered = 0  # packets received and not yet given a verdict in a write
+        self._last_received = 0  # handle of the newest packet received (the highest id)
 
     # ------------------------------------------------------------ configuration
 
@@ -231,10 +236,16 @@ class NfQueue:
                     out.append((pid, b""))
                     continue
             out.append((pid, bytes(view[off + 4:off + alen])))
+        if out:
+            self._unanswered += len(out)
+            self._last_received = out[-1][0]
         return out
 
     def verdict(self, packet_id: int, accept: bool, payload: bytes | None = None) -> None:
         """Queue a verdict; `flush()` sends all of them in one write."""
+        if not accept:
+            self._drops.append(packet_id)
+            return
         if payload is None:
             self._pending.append(_VERDICT.pack(
                 _VERDICT_LEN, _VERDICT_TYPE, NLM_F_REQUEST, 0, 0, socket.AF_UNSPEC, 0, self._res_id,
@@ -247,11 +258,27 @@ class NfQueue:
             + _NLATTR.pack(4 + len(payload), NFQA_PAYLOAD) + payload + b"\0" * pad)
 
     def flush(self) -> None:
-        """Send the verdicts queued since the last flush (as few writes as fit the socket)."""
-        pending = self._pending
-        if not pending:
+        """Send the verdicts queued since the last flush (as few writes as fit the socket).
+
+        When every packet received so far gets its verdict in this write and all but
+        the accepted ones (which go first) are dropped, one batch verdict drops them
+        all: the kernel drops every queued packet up to the newest id (a SYN flood's
+        batches are all drops).
+        """
+        pending, drops = self._pending, self._drops
+        if not pending and not drops:
             return
-        self._pending = []
+        answered = len(pending) + len(drops)
+        self._pending, self._drops = [], []
+        if len(drops) > 1 and answered == self._unanswered:
+            pending.append(_VERDICT.pack(
+                _VERDICT_LEN, _BATCH_TYPE, NLM_F_REQUEST, 0, 0, socket.AF_UNSPEC, 0, self._res_id,
+                12, NFQA_VERDICT_HDR, _NF_DROP_BE, self._last_received))
+        else:
+            pack, res_id = _VERDICT.pack, self._res_id
+            pending.extend(pack(_VERDICT_LEN, _VERDICT_TYPE, NLM_F_REQUEST, 0, 0, socket.AF_UNSPEC, 0, res_id,
+                                12, NFQA_VERDICT_HDR, _NF_DROP_BE, handle) for handle in drops)
+        self._unanswered -= answered
         chunk: list[bytes] = []
         size = 0
         for msg in pending:

@@ -62,6 +62,8 @@ while action != "idle" and seen < want and time.time() < deadline:
         body = pkt[l3 + 8:]
         if action == "pass":
             q.verdict(handle, True)
+        elif action == "drop":
+            q.verdict(handle, False)
         elif int(body[-2:]) % 2:
             q.verdict(handle, False)
         else:  # rewrite: upper-case the payload, fix the UDP checksum
@@ -70,13 +72,15 @@ while action != "idle" and seen < want and time.time() < deadline:
             q.verdict(handle, True, bytes(new))
     q.flush()
 time.sleep(0.5)
+waiting = [int(line.split()[2]) for line in open("/proc/net/netfilter/nfnetlink_queue")
+           if line.split()[0] == "31"]
 while True:
     try:
         got.append(rx.recv(65536).decode(errors="replace")[:40])
     except BlockingIOError:
         break
 q.close()
-print(json.dumps({"seen": seen, "batches": batches, "distinct": len(handles), "lengths": lengths,
+print(json.dumps({"seen": seen, "waiting": waiting, "batches": batches, "distinct": len(handles), "lengths": lengths,
                   "got": got}), flush=True)
 """
 
@@ -120,6 +124,7 @@ def test_verdicts_drop_accept_and_rewrite(lab: Lab, binding: str, family: int) -
     res = consume(lab, binding, family, 40)
     assert res["seen"] == 40 and res["distinct"] == 40
     assert sorted(res["got"]) == [f"MSG-{i:02d}" for i in range(0, 40, 2)]
+    assert res["waiting"] == [0]  # every packet got its verdict
     if binding == "netlink":  # 40 datagrams waited: read 8 per system call (the consumer's batch)
         assert max(res["batches"]) > 1
 
@@ -130,6 +135,13 @@ def test_netlink_batches_are_bounded(lab: Lab) -> None:
     assert res["seen"] == 150
     assert max(res["batches"]) == 64, res["batches"]
     assert sorted(res["got"]) == sorted(f"msg-{i:02d}" for i in range(150))
+
+
+def test_netlink_drops_whole_batches(lab: Lab) -> None:
+    """Batches of drops go out as one batch verdict: nothing is delivered, nothing is left queued."""
+    res = consume(lab, "netlink", 4, 150, action="drop")
+    assert res["seen"] == 150 and res["got"] == []
+    assert res["waiting"] == [0]
 
 
 def test_netlink_copies_jumbo_packets_whole(make_lab) -> None:  # type: ignore[no-untyped-def]
