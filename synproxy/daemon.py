@@ -22,7 +22,7 @@ from pathlib import Path
 
 from . import __version__
 from .cookie import CookieMaker
-from .engine import Engine, EngineConfig
+from .engine import MAX_PACKET, Engine, EngineConfig
 from .keys import KeyFileWatcher, KeyRing, load_or_create
 from .limits import LimitsConfig
 
@@ -65,6 +65,8 @@ def build_engine(opts: RunOptions, keyring: KeyRing) -> Engine:
         idle_timeout=opts.idle_timeout,
         ts_base=secrets.randbits(32),
         limits=opts.limits,
+        # NetfilterQueue copies 4016 bytes of a packet; the netlink binding whole packets.
+        max_packet=4016 if opts.queue_binding == "netfilterqueue" else MAX_PACKET,
     )
     return Engine(cfg, CookieMaker(keyring))
 

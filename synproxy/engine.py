@@ -31,10 +31,11 @@ from .packet import ACK, FIN, RST, SYN, Packet, PacketError, TcpOptions
 U32 = 0xFFFFFFFF
 MAX_WINDOW_FIELD = 0xFFFF
 
-# NetfilterQueue copies at most 4016 bytes of a packet to userspace; a larger
-# segment could not be rewritten, so no MSS we announce may allow one.
-NFQUEUE_COPY_LIMIT = 4016
-MAX_MSS = NFQUEUE_COPY_LIMIT - 40 - 20  # IPv6 header + TCP header without options
+# The queue binding copies packets up to this size to userspace whole (the kernel's
+# maximum copy range); a larger segment could not be rewritten, so no MSS the proxy
+# announces may allow one. NetfilterQueue copies only 4016 bytes (EngineConfig.max_packet).
+MAX_PACKET = 0xFFFF - 4
+HEADERS_WITHOUT_OPTIONS = 40 + 20  # IPv6 header + TCP header
 
 
 class Direction(Enum):
@@ -111,6 +112,7 @@ class EngineConfig:
     idle_timeout: float = 7440.0  # established and idle: keepalive default 7200 s + probes
     closing_linger: float = 10.0  # after FIN both ways or RST
     pending_buffer_bytes: int = 65536  # client data held per connection during the backend handshake
+    max_packet: int = MAX_PACKET  # largest packet the queue hands over whole; caps every MSS announced
     ts_base: int = 0  # offset of the proxy's TSval clock (random in the daemon)
     limits: LimitsConfig = LimitsConfig()
 
@@ -121,6 +123,13 @@ class EngineConfig:
             raise ValueError(f"window scale must be 0..14, got {self.wscale}")
         if self.mss is not None and not 536 <= self.mss <= 65535:
             raise ValueError(f"MSS must be 536..65535, got {self.mss}")
+        if not 536 + HEADERS_WITHOUT_OPTIONS <= self.max_packet <= MAX_PACKET:
+            raise ValueError(f"max_packet must be {536 + HEADERS_WITHOUT_OPTIONS}..{MAX_PACKET}, got {self.max_packet}")
+
+    @property
+    def max_mss(self) -> int:
+        """The largest MSS whose segments still fit `max_packet` (IPv6, no TCP options)."""
+        return self.max_packet - HEADERS_WITHOUT_OPTIONS
 
 
 def seq_after(a: int, b: int) -> bool:
@@ -476,7 +485,7 @@ class Engine:
 
     def _advertised_mss(self, prof: BackendProfile) -> int:
         mss = self.config.mss if self.config.mss is not None else prof.mss
-        return min(mss, MAX_MSS)
+        return min(mss, self.config.max_mss)
 
     def _wscale_for_slot(self, skey: ServerKey, slot: int) -> int:
         """The window scale the proxy tells clients of this server during a cookie slot.
@@ -578,7 +587,7 @@ class Engine:
             client_send_shift = c_opts.wscale
             client_recv_shift = self._wscale_for_slot((family, server, sport), slot)
         syn_opts = TcpOptions(
-            mss=min(c_opts.mss, MAX_MSS),
+            mss=min(c_opts.mss, self.config.max_mss),
             wscale=c_opts.wscale,
             sack_ok=c_opts.sack_ok,
             ts=(ts[0], 0) if ts is not None else None,

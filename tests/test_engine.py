@@ -9,7 +9,6 @@ import pytest
 from synproxy import packet as P
 from synproxy.cookie import CookieMaker
 from synproxy.engine import (
-    MAX_MSS,
     Accept,
     Action,
     BackendProfile,
@@ -167,11 +166,19 @@ def test_all_options_off() -> None:
     assert upd.window == 65160  # no scaling either side
 
 
-@pytest.mark.parametrize("mss,want", [(536, 536), (1220, 1220), (1460, 1460), (1500, 1460), (8960, MAX_MSS), (600, 536)])
+@pytest.mark.parametrize("mss,want", [(536, 536), (1220, 1220), (1460, 1460), (1500, 1460), (8960, 8960), (600, 536)])
 def test_server_never_gets_mss_above_clients(mss: int, want: int) -> None:
     eng, f = make_engine(), Flow(client_mss=mss)
     _, syn, _ = handshake(eng, f)
     assert syn.options.mss == want <= mss
+
+
+def test_mss_capped_by_what_the_queue_copies() -> None:
+    """NetfilterQueue copies 4016 bytes: no MSS the proxy announces may allow a longer segment."""
+    eng, f = make_engine(max_packet=4016), Flow(client_mss=8960)
+    synack, syn, _ = handshake(eng, f)
+    assert syn.options.mss == 4016 - 60
+    assert synack.options.mss is not None and synack.options.mss <= 4016 - 60
 
 
 # ------------------------------------------------------------------ server handshake
