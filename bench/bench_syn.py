@@ -16,7 +16,7 @@ import time
 
 from synproxy import packet as P
 from synproxy.cookie import CookieMaker
-from synproxy.engine import Engine, EngineConfig
+from synproxy.engine import Accept, Engine, EngineConfig
 from synproxy.keys import KeyRing
 from synproxy.packet import ACK, PSH, SYN, TcpOptions
 
@@ -65,13 +65,21 @@ def main() -> None:
                      per_call_us(lambda i: cookie.check(family, c, s, 5555, 80, isn, ck, NOW), n)))
         # an established connection's data packet, both directions
         eng2 = Engine(EngineConfig(ports=frozenset({80})), CookieMaker(ring))
+        c0 = source(0)  # syns[0] comes from here
         sa = P.parse(eng2.handle_raw(syns[0], NOW)[1].data)  # type: ignore[union-attr]
-        eng2.handle_raw(P.build(family, c, s, 1024, 80, 1, sa.seq + 1, ACK, 500, TcpOptions(ts=(1, sa.options.ts[0]))), NOW)
-        eng2.handle_raw(P.build(family, s, c, 80, 1024, 999, 1, SYN | ACK, 65000,
+        eng2.handle_raw(P.build(family, c0, s, 1024, 80, 1, sa.seq + 1, ACK, 500,
+                                TcpOptions(ts=(1, sa.options.ts[0]))), NOW)
+        eng2.handle_raw(P.build(family, s, c0, 80, 1024, 999, 1, SYN | ACK, 65000,
                                 TcpOptions(mss=1460, wscale=7, sack_ok=True, ts=(50, 1))), NOW)
-        data = P.build(family, s, c, 80, 1024, 1000, 1, ACK | PSH, 500, TcpOptions(ts=(60, 2)), b"x" * 1448)
-        rows.append((f"IPv{family} 1448-byte data packet translated",
-                     per_call_us(lambda i: eng2.handle_raw(data, NOW), n)))
+        assert eng2.established == 1, "the benchmark connection did not open"
+        down = P.build(family, s, c0, 80, 1024, 1000, 1, ACK | PSH, 500, TcpOptions(ts=(60, 2)), b"x" * 1448)
+        up = P.build(family, c0, s, 1024, 80, 1, sa.seq + 1, ACK | PSH, 500,
+                     TcpOptions(ts=(2, 60)), b"y" * 1448)
+        for name, seg in (("server->client", down), ("client->server", up)):
+            verdict = eng2.handle_raw(seg, NOW)[0]
+            assert isinstance(verdict, Accept) and verdict.payload is not None, verdict  # really translated
+            rows.append((f"IPv{family} 1448-byte segment translated, {name}",
+                         per_call_us(lambda i, seg=seg: eng2.handle_raw(seg, NOW), n)))
     width = max(len(r[0]) for r in rows)
     print(f"{'operation':<{width}}  µs/call  calls/s (one core)")
     for name, us in rows:
