@@ -154,11 +154,11 @@ class NetfilterQueueReader:
         self._nfq.unbind()
 
 
-def open_queue(binding: Binding, queue_num: int, maxlen: int, fail_open: bool) -> QueueReader:
+def open_queue(binding: Binding, queue_num: int, maxlen: int, fail_open: bool, batch: int = 64) -> QueueReader:
     """Bind the queue, or say in one sentence why not."""
     try:
         if binding is Binding.NETLINK:
-            return NfQueue(QueueConfig(queue_num, maxlen=maxlen, fail_open=fail_open))
+            return NfQueue(QueueConfig(queue_num, maxlen=maxlen, fail_open=fail_open, batch=batch))
         return NetfilterQueueReader(queue_num, maxlen)
     except OSError as err:
         raise ShellError(
@@ -170,7 +170,8 @@ def open_queue(binding: Binding, queue_num: int, maxlen: int, fail_open: bool) -
 class Shell:
     """Binds the traffic and SYN queues and runs the engine on them until stopped."""
 
-    TRAFFIC_BATCHES = 8  # traffic batches (64 packets each) per round, at most
+    BATCH = 64  # packets per read (recvmmsg) from the traffic queue
+    TRAFFIC_BATCHES = 8  # traffic batches per round, at most
     SYN_BATCH = 16  # SYNs per round: ~0.3 ms of work, the most traffic waits for them
 
     def __init__(
@@ -257,16 +258,52 @@ class Shell:
                 self.on_tick(now)
         self._service_due = self._next_tick if deadline is None else min(deadline, self._next_tick)
 
+    def _serve(self, queues: list[QueueReader]) -> None:
+        """The loop: rounds of traffic first, then a few SYNs; poll only when nothing is ready.
+
+        Each round drains the traffic queue (a bounded number of batches), then takes
+        one small batch of SYNs: a SYN flood fills only its own queue and delays
+        established connections by at most one short SYN batch. A queue that returned
+        less than asked is empty and is read again only once poll says so, which
+        keeps a lightly loaded proxy at one poll and one read per wake-up.
+        """
+        poller = select.poll()
+        by_fd = {queue.fileno(): i for i, queue in enumerate(queues)}
+        for fd in by_fd:
+            poller.register(fd, select.POLLIN)
+        limits = [0] + [self.SYN_BATCH] * (len(queues) - 1)  # 0: the binding's batch (64)
+        rounds = [self.TRAFFIC_BATCHES] + [1] * (len(queues) - 1)
+        ready = [True] * len(queues)
+        while not self._stop:
+            now = self.clock()
+            if now >= self._service_due:
+                self._service(now)
+            for i, queue in enumerate(queues):
+                if not ready[i]:
+                    continue
+                for _ in range(rounds[i]):
+                    batch = queue.receive(limits[i])
+                    if batch:
+                        self._handle_batch(queue, batch)
+                    if len(batch) < (limits[i] or self.BATCH):
+                        ready[i] = False
+                        break
+            if not all(ready):
+                # Block only when every queue is empty; otherwise just look.
+                wait = 0.0 if any(ready) else max(0.0, self._service_due - self.clock()) * 1000 + 1
+                for fd, _ in poller.poll(wait):
+                    ready[by_fd[fd]] = True
+
     def run(self, on_bound: Callable[[], None] | None = None) -> None:
         """Serve the queue until SIGTERM/SIGINT or `stop()`.
 
         `on_bound` runs once the queue is bound (the daemon installs its rules
         then, so no packet is queued before a reader exists).
         """
-        queues = [open_queue(self.binding, self.queue_num, self._queue_maxlen, self.fail_open)]
+        queues = [open_queue(self.binding, self.queue_num, self._queue_maxlen, self.fail_open, self.BATCH)]
         try:
             if self.syn_queue_num is not None:
-                queues.append(open_queue(self.binding, self.syn_queue_num, self._queue_maxlen, self.fail_open))
+                queues.append(open_queue(self.binding, self.syn_queue_num, self._queue_maxlen, self.fail_open, self.BATCH))
         except BaseException:
             queues[0].close()
             raise
@@ -274,32 +311,7 @@ class Shell:
         try:
             if on_bound is not None:
                 on_bound()
-            poller = select.poll()
-            for queue in queues:
-                poller.register(queue.fileno(), select.POLLIN)
-            # Each round drains the traffic queue (a bounded number of batches), then takes
-            # one small batch of SYNs: a SYN flood fills only its own queue and delays
-            # established connections by at most one short SYN batch.
-            traffic, syns = queues[0], queues[1:]
-            while not self._stop:
-                now = self.clock()
-                if now >= self._service_due:
-                    self._service(now)
-                idle = True
-                for _ in range(self.TRAFFIC_BATCHES):
-                    batch = traffic.receive()
-                    if not batch:
-                        break
-                    self._handle_batch(traffic, batch)
-                    idle = False
-                for queue in syns:
-                    batch = queue.receive(self.SYN_BATCH)
-                    if batch:
-                        self._handle_batch(queue, batch)
-                        idle = False
-                if idle:
-                    wait = max(0.0, self._service_due - self.clock())
-                    poller.poll(wait * 1000 + 1)
+            self._serve(queues)
         finally:
             for sig, handler in old.items():
                 signal.signal(sig, handler)
