@@ -19,6 +19,8 @@ from synproxy.engine import (
     EngineConfig,
     Send,
     State,
+    conn_key,
+    split_key,
 )
 from synproxy.keys import KeyRing
 from synproxy.packet import ACK, FIN, PSH, RST, SYN, TcpOptions
@@ -508,3 +510,12 @@ def test_translation_view_says_when_the_kernel_could_take_over() -> None:
     other = make_engine(wscale=12)
     handshake(other, Flow(), server_ws=7)
     assert not next(iter(other.conns.values())).translation.kernel_offloadable  # the kernel cannot rescale
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_conn_key_is_one_bytes_object_that_splits_back(family: int) -> None:
+    eng, f = make_engine(), Flow(family=family)
+    handshake(eng, f)
+    key = conn_key(family, f.client, f.server, f.cport, 80)
+    assert list(eng.conns) == [key] and len(key) == (12 if family == 4 else 36)
+    assert split_key(key) == (family, f.client, f.cport, f.server, 80)
