@@ -122,6 +122,17 @@ class EngineConfig:
             raise ValueError(f"window scale must be 0..14, got {self.wscale}")
         if self.mss is not None and not 536 <= self.mss <= 65535:
             raise ValueError(f"MSS must be 536..65535, got {self.mss}")
+        if not self.idle_timeout > 0:
+            raise ValueError(f"idle timeout must be > 0, got {self.idle_timeout}")
+
+
+# A connection's last activity is kept as a tick of idle_timeout / IDLE_TICKS seconds,
+# modulo 256: a small int, which CPython shares, where a float cost 24 bytes each. The
+# sweep expires a connection once IDLE_TICKS + 1 ticks have passed since (so never before
+# idle_timeout, and at most 2/IDLE_TICKS of it later); it looks at every connection
+# far more often than the 256 - IDLE_TICKS ticks after which the count would wrap.
+IDLE_TICKS = 64
+TICK_MASK = 0xFF
 
 
 def seq_after(a: int, b: int) -> bool:
@@ -205,7 +216,7 @@ class Conn:
 
     state: State
     ts: bool  # timestamps negotiated with the client
-    last_seen: float
+    seen: int  # tick of the last packet (see IDLE_TICKS)
     handshake: Handshake | None = None
     seq_offset: int = 0
     ts_offset: int = 0
@@ -263,6 +274,7 @@ class Engine:
         # snapshot of the keys, so they need no timer entry each.
         self._sweep_keys: list[ConnKey] = []
         self._sweep_at = 0.0
+        self._ticks_per_second = IDLE_TICKS / config.idle_timeout
         # IPv6 headers are 20 bytes longer: the same link gives a 20 bytes smaller MSS.
         d = config.default_profile
         self._default_v6 = BackendProfile(d.mss - 20, d.wscale, d.sack_ok, d.ts_ok, d.window)
@@ -346,9 +358,10 @@ class Engine:
         batch = self._sweep_keys[-self.SWEEP_BATCH :]
         del self._sweep_keys[-self.SWEEP_BATCH :]
         idle = self.config.idle_timeout
+        tick = int(now * self._ticks_per_second) & TICK_MASK
         for key in batch:
             conn = self.conns.get(key)
-            if conn is not None and conn.state is State.ESTABLISHED and now - conn.last_seen >= idle:
+            if conn is not None and conn.state is State.ESTABLISHED and (tick - conn.seen) & TICK_MASK > IDLE_TICKS:
                 self.limits.closed(self._source(key), was_pending=False)
                 self.stats.closed["idle"] += 1
                 del self.conns[key]
@@ -490,7 +503,7 @@ class Engine:
         conn = Conn(
             state=State.PENDING,
             ts=ts is not None,
-            last_seen=now,
+            seen=int(now * self._ticks_per_second) & TICK_MASK,
             client_send_shift=client_send_shift,
             client_recv_shift=client_recv_shift,
             handshake=Handshake(
@@ -538,7 +551,7 @@ class Engine:
         hs.held_next = end
 
     def _from_client(self, pkt: Packet, key: ConnKey, conn: Conn, now: float) -> list[Action]:
-        conn.last_seen = now
+        conn.seen = int(now * self._ticks_per_second) & TICK_MASK
         if conn.state is State.PENDING:
             if pkt.flags & RST:
                 return self._abort_pending(key, conn, "client_rst")
@@ -581,7 +594,7 @@ class Engine:
         return [Drop("server_no_state"), Send(pkt.family, pkt.src, rst, Direction.FROM_CLIENT, "rst")]
 
     def _from_server(self, pkt: Packet, key: ConnKey, conn: Conn, now: float) -> list[Action]:
-        conn.last_seen = now
+        conn.seen = int(now * self._ticks_per_second) & TICK_MASK
         flags = pkt.flags
         if conn.state is State.PENDING:
             hs = conn.handshake
