@@ -21,7 +21,7 @@ from __future__ import annotations
 import heapq
 import struct
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 from . import packet as P
@@ -192,7 +192,7 @@ class Translation:
     Shaped like what conntrack can do in the kernel (CTA_SEQ_ADJ_REPLY offset,
     CTA_SYNPROXY tsoff); the kernel cannot rescale windows, so a flow is
     offloadable only when the two window scales agree. `Conn` keeps the same
-    fields flat (one object less per connection); `Conn.translation` is this view.
+    numbers more compactly; `Conn.translation` is this view.
     """
 
     seq_offset: int = 0  # server seq + offset = seq the client sees
@@ -210,29 +210,42 @@ class Translation:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class Shape:
+    """What a connection negotiated, and which FINs it has seen.
+
+    Few distinct values exist at a time (the scales a server picks, timestamps on or
+    off), so the engine interns them and a connection holds one shared reference
+    instead of seven fields of its own. Replaced, never changed, when a field changes.
+    """
+
+    ts: bool = False  # timestamps negotiated with the client (and, once established, the server)
+    client_send_shift: int = 0  # scale of windows the client sends
+    server_recv_shift: int = 0  # scale the server applies to them
+    server_send_shift: int = 0  # scale of windows the server sends
+    client_recv_shift: int = 0  # scale the client applies to them (what the proxy advertised)
+    fin_from_client: bool = False
+    fin_from_server: bool = False
+
+
 @dataclass(slots=True)
 class Conn:
-    """Per-connection state: small and explicit (see Translation for the numbers)."""
+    """Per-connection state, kept small: there may be a million (see Translation for the numbers)."""
 
     state: State
-    ts: bool  # timestamps negotiated with the client
+    shape: Shape
     seen: int  # tick of the last packet (see IDLE_TICKS)
     handshake: Handshake | None = None
     seq_offset: int = 0
     ts_offset: int = 0
-    client_send_shift: int = 0
-    server_recv_shift: int = 0
-    server_send_shift: int = 0
-    client_recv_shift: int = 0
     deadline: float = 0.0  # for PENDING and CLOSING; ESTABLISHED is swept for idleness
-    fin_from_client: bool = False
-    fin_from_server: bool = False
 
     @property
     def translation(self) -> Translation:
+        sh = self.shape
         return Translation(
-            self.seq_offset, self.ts_offset, self.client_send_shift,
-            self.server_recv_shift, self.server_send_shift, self.client_recv_shift,
+            self.seq_offset, self.ts_offset, sh.client_send_shift,
+            sh.server_recv_shift, sh.server_send_shift, sh.client_recv_shift,
         )
 
 
@@ -275,6 +288,7 @@ class Engine:
         self._sweep_keys: list[ConnKey] = []
         self._sweep_at = 0.0
         self._ticks_per_second = IDLE_TICKS / config.idle_timeout
+        self._shapes: dict[Shape, Shape] = {}
         # IPv6 headers are 20 bytes longer: the same link gives a 20 bytes smaller MSS.
         d = config.default_profile
         self._default_v6 = BackendProfile(d.mss - 20, d.wscale, d.sack_ok, d.ts_ok, d.window)
@@ -374,6 +388,16 @@ class Engine:
         if len(key) == 12:
             return self.limits.source_key(4, key[:4])
         return self.limits.source_key(6, key[:16])
+
+    def _shape(self, shape: Shape) -> Shape:
+        """The shared instance equal to `shape`."""
+        got = self._shapes.get(shape)
+        if got is None:
+            if len(self._shapes) >= 4096:  # bounded: a few dozen in practice
+                self.stats.evicted["shapes"] += len(self._shapes)
+                self._shapes.clear()
+            got = self._shapes[shape] = shape
+        return got
 
     def learn_profile(self, family: int, server: bytes, port: int, profile: BackendProfile) -> None:
         """Record what a server announces (from a probe or an observed SYN-ACK)."""
@@ -502,10 +526,8 @@ class Engine:
         syn = P.build(family, client, server, cport, sport, client_isn, 0, SYN, syn_window, syn_opts)
         conn = Conn(
             state=State.PENDING,
-            ts=ts is not None,
+            shape=self._shape(Shape(ts is not None, client_send_shift, 0, 0, client_recv_shift)),
             seen=int(now * self._ticks_per_second) & TICK_MASK,
-            client_send_shift=client_send_shift,
-            client_recv_shift=client_recv_shift,
             handshake=Handshake(
                 client_isn=client_isn,
                 cookie=(pkt.ack - 1) & U32,
@@ -569,13 +591,14 @@ class Engine:
         new_ack = (pkt.ack - conn.seq_offset) & U32 if pkt.flags & ACK else None
         ts = pkt.options.ts
         window = pkt.window
-        if conn.client_send_shift != conn.server_recv_shift:
-            window = min((window << conn.client_send_shift) >> conn.server_recv_shift, MAX_WINDOW_FIELD)
+        shape = conn.shape
+        if shape.client_send_shift != shape.server_recv_shift:
+            window = min((window << shape.client_send_shift) >> shape.server_recv_shift, MAX_WINDOW_FIELD)
         out = P.rewrite(
             pkt,
             ack=new_ack,
             window=window,
-            tsecr=(ts[1] + conn.ts_offset) & U32 if ts is not None and conn.ts else None,
+            tsecr=(ts[1] + conn.ts_offset) & U32 if ts is not None and shape.ts else None,
             sack_delta=-conn.seq_offset & U32,
         )
         self._track_close(key, conn, pkt, Direction.FROM_CLIENT, now)
@@ -612,13 +635,14 @@ class Engine:
             return [Drop("unexpected_syn")]
         ts = pkt.options.ts
         window = pkt.window
-        if conn.server_send_shift != conn.client_recv_shift:
-            window = min((window << conn.server_send_shift) >> conn.client_recv_shift, MAX_WINDOW_FIELD)
+        shape = conn.shape
+        if shape.server_send_shift != shape.client_recv_shift:
+            window = min((window << shape.server_send_shift) >> shape.client_recv_shift, MAX_WINDOW_FIELD)
         out = P.rewrite(
             pkt,
             seq=(pkt.seq + conn.seq_offset) & U32,
             window=window,
-            tsval=(ts[0] - conn.ts_offset) & U32 if ts is not None and conn.ts else None,
+            tsval=(ts[0] - conn.ts_offset) & U32 if ts is not None and shape.ts else None,
         )
         self._track_close(key, conn, pkt, Direction.FROM_SERVER, now)
         self.stats.translated += 1
@@ -628,17 +652,19 @@ class Engine:
         """The server accepted: finish its handshake and switch to translation."""
         family, client, cport, server, sport = split_key(key)
         opts = pkt.options
-        offered_ts = conn.ts
+        shape = conn.shape
+        offered_ts = shape.ts
         conn.seq_offset = (hs.cookie - pkt.seq) & U32
+        server_recv_shift = server_send_shift = 0  # scaling off toward the server unless:
         if hs.wscale_ok and opts.wscale is not None:  # the server took the client's window scale
-            conn.server_recv_shift = conn.client_send_shift
-            conn.server_send_shift = min(opts.wscale, 14)
-        # else scaling is off toward the server and both its shifts stay 0
-        if conn.ts:
-            if opts.ts is not None:
-                conn.ts_offset = (opts.ts[0] - hs.proxy_tsval) & U32  # server clock - proxy clock
-            else:
-                conn.ts = False  # the server declined timestamps: nothing to translate
+            server_recv_shift, server_send_shift = shape.client_send_shift, min(opts.wscale, 14)
+        if offered_ts and opts.ts is not None:
+            conn.ts_offset = (opts.ts[0] - hs.proxy_tsval) & U32  # server clock - proxy clock
+        # (if the server declined timestamps, there is nothing to translate)
+        conn.shape = shape = self._shape(replace(
+            shape, ts=offered_ts and opts.ts is not None,
+            server_recv_shift=server_recv_shift, server_send_shift=server_send_shift,
+        ))
         # A SYN-ACK answers only what the SYN offered: learn just those options.
         prev = self.profile(family, server, sport)
         self.learn_profile(
@@ -665,9 +691,9 @@ class Engine:
             if isinstance(first, Accept) and first.payload is not None:
                 out.append(Send(family, server, first.payload, Direction.FROM_CLIENT, "data"))
         # Tell the client the server's real window, in the scale the client uses.
-        window = min(pkt.window >> conn.client_recv_shift, MAX_WINDOW_FIELD)
+        window = min(pkt.window >> shape.client_recv_shift, MAX_WINDOW_FIELD)
         upd_opts = None
-        if conn.ts and opts.ts is not None:
+        if shape.ts and opts.ts is not None:
             upd_opts = TcpOptions(ts=((opts.ts[0] - conn.ts_offset) & U32, hs.client_tsval))
         update = P.build(
             family, server, client, sport, cport,
@@ -678,12 +704,13 @@ class Engine:
 
     def _ack_to_server(self, key: ConnKey, conn: Conn, synack: Packet, hs: Handshake | None = None) -> Send:
         family, client, cport, server, sport = split_key(key)
+        shape = conn.shape
         if hs is not None:
-            window = min((hs.client_window << conn.client_send_shift) >> conn.server_recv_shift, MAX_WINDOW_FIELD)
+            window = min((hs.client_window << shape.client_send_shift) >> shape.server_recv_shift, MAX_WINDOW_FIELD)
         else:  # a resent ACK after the handshake: about 64 KiB, in the server's view
-            window = MAX_WINDOW_FIELD >> conn.server_recv_shift
+            window = MAX_WINDOW_FIELD >> shape.server_recv_shift
         opts = None
-        if conn.ts and synack.options.ts is not None:
+        if shape.ts and synack.options.ts is not None:
             tsval = hs.client_tsval if hs is not None else synack.options.ts[1]
             opts = TcpOptions(ts=(tsval, synack.options.ts[0]))
         ack = P.build(
@@ -701,10 +728,11 @@ class Engine:
             return
         if flags & FIN:
             if direction is Direction.FROM_CLIENT:
-                conn.fin_from_client = True
+                shape = replace(conn.shape, fin_from_client=True)
             else:
-                conn.fin_from_server = True
-            if conn.fin_from_client and conn.fin_from_server:
+                shape = replace(conn.shape, fin_from_server=True)
+            conn.shape = self._shape(shape)
+            if shape.fin_from_client and shape.fin_from_server:
                 self._closing(key, conn, now, "fin")
 
     def _closing(self, key: ConnKey, conn: Conn, now: float, why: str) -> None:
