@@ -236,9 +236,19 @@ class Conn:
     shape: Shape
     seen: int  # tick of the last packet (see IDLE_TICKS)
     handshake: Handshake | None = None
-    seq_offset: int = 0
-    ts_offset: int = 0
+    # seq_offset | ts_offset << 32 (see Translation): one 64-bit int where two cost 64
+    # bytes. Adding or subtracting it mod 2**32 applies seq_offset as it is; only the
+    # timestamps need the shift.
+    offsets: int = 0
     deadline: float = 0.0  # for PENDING and CLOSING; ESTABLISHED is swept for idleness
+
+    @property
+    def seq_offset(self) -> int:
+        return self.offsets & U32
+
+    @property
+    def ts_offset(self) -> int:
+        return self.offsets >> 32
 
     @property
     def translation(self) -> Translation:
@@ -588,18 +598,18 @@ class Engine:
                 self.stats.dropped["unexpected_synack"] += 1
                 return [Drop("unexpected_synack")]
             return self._answer_syn(pkt, now)
-        new_ack = (pkt.ack - conn.seq_offset) & U32 if pkt.flags & ACK else None
+        shape, offsets = conn.shape, conn.offsets
+        new_ack = (pkt.ack - offsets) & U32 if pkt.flags & ACK else None
         ts = pkt.options.ts
         window = pkt.window
-        shape = conn.shape
         if shape.client_send_shift != shape.server_recv_shift:
             window = min((window << shape.client_send_shift) >> shape.server_recv_shift, MAX_WINDOW_FIELD)
         out = P.rewrite(
             pkt,
             ack=new_ack,
             window=window,
-            tsecr=(ts[1] + conn.ts_offset) & U32 if ts is not None and shape.ts else None,
-            sack_delta=-conn.seq_offset & U32,
+            tsecr=(ts[1] + (offsets >> 32)) & U32 if ts is not None and shape.ts else None,
+            sack_delta=-offsets & U32,
         )
         self._track_close(key, conn, pkt, Direction.FROM_CLIENT, now)
         self.stats.translated += 1
@@ -635,14 +645,14 @@ class Engine:
             return [Drop("unexpected_syn")]
         ts = pkt.options.ts
         window = pkt.window
-        shape = conn.shape
+        shape, offsets = conn.shape, conn.offsets
         if shape.server_send_shift != shape.client_recv_shift:
             window = min((window << shape.server_send_shift) >> shape.client_recv_shift, MAX_WINDOW_FIELD)
         out = P.rewrite(
             pkt,
-            seq=(pkt.seq + conn.seq_offset) & U32,
+            seq=(pkt.seq + offsets) & U32,
             window=window,
-            tsval=(ts[0] - conn.ts_offset) & U32 if ts is not None and shape.ts else None,
+            tsval=(ts[0] - (offsets >> 32)) & U32 if ts is not None and shape.ts else None,
         )
         self._track_close(key, conn, pkt, Direction.FROM_SERVER, now)
         self.stats.translated += 1
@@ -654,13 +664,14 @@ class Engine:
         opts = pkt.options
         shape = conn.shape
         offered_ts = shape.ts
-        conn.seq_offset = (hs.cookie - pkt.seq) & U32
+        seq_offset, ts_offset = (hs.cookie - pkt.seq) & U32, 0
         server_recv_shift = server_send_shift = 0  # scaling off toward the server unless:
         if hs.wscale_ok and opts.wscale is not None:  # the server took the client's window scale
             server_recv_shift, server_send_shift = shape.client_send_shift, min(opts.wscale, 14)
         if offered_ts and opts.ts is not None:
-            conn.ts_offset = (opts.ts[0] - hs.proxy_tsval) & U32  # server clock - proxy clock
+            ts_offset = (opts.ts[0] - hs.proxy_tsval) & U32  # server clock - proxy clock
         # (if the server declined timestamps, there is nothing to translate)
+        conn.offsets = seq_offset | ts_offset << 32
         conn.shape = shape = self._shape(replace(
             shape, ts=offered_ts and opts.ts is not None,
             server_recv_shift=server_recv_shift, server_send_shift=server_send_shift,
@@ -694,7 +705,7 @@ class Engine:
         window = min(pkt.window >> shape.client_recv_shift, MAX_WINDOW_FIELD)
         upd_opts = None
         if shape.ts and opts.ts is not None:
-            upd_opts = TcpOptions(ts=((opts.ts[0] - conn.ts_offset) & U32, hs.client_tsval))
+            upd_opts = TcpOptions(ts=((opts.ts[0] - ts_offset) & U32, hs.client_tsval))
         update = P.build(
             family, server, client, sport, cport,
             (hs.cookie + 1) & U32, (hs.client_isn + 1) & U32, ACK, window, upd_opts,
