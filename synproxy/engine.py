@@ -23,6 +23,7 @@ import struct
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from enum import Enum
+from typing import ClassVar
 
 from . import packet as P
 from .cookie import CookieMaker, CookieOptions
@@ -230,17 +231,21 @@ class Shape:
 
 @dataclass(slots=True)
 class Conn:
-    """Per-connection state, kept small: there may be a million (see Translation for the numbers)."""
+    """An established connection, kept small: there may be a million (see Translation for the numbers).
 
-    state: State
+    Pending and closing connections are the subclasses: they add what only those phases
+    need, and the engine replaces the object when the phase changes; so `state` is a
+    class attribute, and an established connection is three references, two of them to
+    shared objects.
+    """
+
+    state: ClassVar[State] = State.ESTABLISHED
     shape: Shape
     seen: int  # tick of the last packet (see IDLE_TICKS)
-    handshake: Handshake | None = None
     # seq_offset | ts_offset << 32 (see Translation): one 64-bit int where two cost 64
     # bytes. Adding or subtracting it mod 2**32 applies seq_offset as it is; only the
     # timestamps need the shift.
     offsets: int = 0
-    deadline: float = 0.0  # for PENDING and CLOSING; ESTABLISHED is swept for idleness
 
     @property
     def seq_offset(self) -> int:
@@ -257,6 +262,23 @@ class Conn:
             self.seq_offset, self.ts_offset, sh.client_send_shift,
             sh.server_recv_shift, sh.server_send_shift, sh.client_recv_shift,
         )
+
+
+@dataclass(slots=True, kw_only=True)
+class PendingConn(Conn):
+    """A connection whose server handshake is in flight."""
+
+    state: ClassVar[State] = State.PENDING
+    handshake: Handshake
+    deadline: float = 0.0  # the next SYN resend or the give-up (its timer heap entry)
+
+
+@dataclass(slots=True, kw_only=True)
+class ClosingConn(Conn):
+    """A connection after FIN both ways or a RST, kept a while to translate retransmissions."""
+
+    state: ClassVar[State] = State.CLOSING
+    deadline: float = 0.0  # the end of the linger (its timer heap entry)
 
 
 @dataclass
@@ -342,7 +364,7 @@ class Engine:
             conn = self.conns.get(key)
             if conn is None:
                 return self._from_client_stateless(pkt, key, None, now)
-            if conn.state is State.CLOSING and pkt.flags & (SYN | ACK | RST) in (SYN, ACK):
+            if isinstance(conn, ClosingConn) and pkt.flags & (SYN | ACK | RST) in (SYN, ACK):
                 # Perhaps a new connection on the same tuple right after the old one.
                 return self._from_client_stateless(pkt, key, conn, now)
             return self._from_client(pkt, key, conn, now)
@@ -368,8 +390,8 @@ class Engine:
         while timers and timers[0][0] <= now:
             at, key = heapq.heappop(timers)
             conn = self.conns.get(key)
-            if conn is None or conn.deadline != at:
-                continue  # stale entry
+            if not isinstance(conn, PendingConn | ClosingConn) or conn.deadline != at:
+                continue  # stale entry: the connection is gone, moved on or re-armed
             out.extend(self._expire(key, conn, now))
         if now >= self._sweep_at and (self.limits.established or self._sweep_keys):
             self._sweep(now)
@@ -425,7 +447,7 @@ class Engine:
 
     # ------------------------------------------------------------ helpers
 
-    def _set_timer(self, key: ConnKey, conn: Conn, at: float) -> None:
+    def _set_timer(self, key: ConnKey, conn: PendingConn | ClosingConn, at: float) -> None:
         conn.deadline = at
         heapq.heappush(self._timers, (at, key))
 
@@ -459,7 +481,7 @@ class Engine:
 
     # ------------------------------------------------------------ client side
 
-    def _from_client_stateless(self, pkt: Packet, key: ConnKey, old: Conn | None, now: float) -> list[Action]:
+    def _from_client_stateless(self, pkt: Packet, key: ConnKey, old: ClosingConn | None, now: float) -> list[Action]:
         flags = pkt.flags
         if flags & (SYN | ACK | RST) == SYN:
             return self._answer_syn(pkt, now)
@@ -493,7 +515,7 @@ class Engine:
         self.stats.synack_sent += 1
         return [_SYN_ANSWERED, Send(pkt.family, pkt.src, synack, Direction.FROM_SERVER, "synack")]
 
-    def _validate(self, pkt: Packet, key: ConnKey, old: Conn | None, now: float) -> list[Action]:
+    def _validate(self, pkt: Packet, key: ConnKey, old: ClosingConn | None, now: float) -> list[Action]:
         """An ACK (or data) without state must carry a cookie for exactly seq-1."""
         client_isn = (pkt.seq - 1) & U32
         match = self.cookies.check(
@@ -534,8 +556,7 @@ class Engine:
         )
         syn_window = min(pkt.window << client_send_shift, MAX_WINDOW_FIELD)
         syn = P.build(family, client, server, cport, sport, client_isn, 0, SYN, syn_window, syn_opts)
-        conn = Conn(
-            state=State.PENDING,
+        conn = PendingConn(
             shape=self._shape(Shape(ts is not None, client_send_shift, 0, 0, client_recv_shift)),
             seen=int(now * self._ticks_per_second) & TICK_MASK,
             handshake=Handshake(
@@ -553,15 +574,14 @@ class Engine:
         )
         self.conns[key] = conn
         self.limits.opened(self.limits.source_key(family, client))
-        self._set_timer(key, conn, min(now + self.config.syn_retry_interval, conn.handshake.gives_up_at))  # type: ignore[union-attr]
+        self._set_timer(key, conn, min(now + self.config.syn_retry_interval, conn.handshake.gives_up_at))
         out: list[Action] = [Drop("validated"), Send(family, server, syn, Direction.FROM_CLIENT, "syn")]
         self._hold(conn, pkt)
         return out
 
-    def _hold(self, conn: Conn, pkt: Packet) -> None:
+    def _hold(self, conn: PendingConn, pkt: Packet) -> None:
         """Keep client data that arrives before the server is connected (bounded)."""
         hs = conn.handshake
-        assert hs is not None
         if pkt.flags & ACK:
             hs.client_window = pkt.window
             if pkt.options.ts is not None:
@@ -584,7 +604,7 @@ class Engine:
 
     def _from_client(self, pkt: Packet, key: ConnKey, conn: Conn, now: float) -> list[Action]:
         conn.seen = int(now * self._ticks_per_second) & TICK_MASK
-        if conn.state is State.PENDING:
+        if isinstance(conn, PendingConn):
             if pkt.flags & RST:
                 return self._abort_pending(key, conn, "client_rst")
             if pkt.flags & SYN:
@@ -629,9 +649,8 @@ class Engine:
     def _from_server(self, pkt: Packet, key: ConnKey, conn: Conn, now: float) -> list[Action]:
         conn.seen = int(now * self._ticks_per_second) & TICK_MASK
         flags = pkt.flags
-        if conn.state is State.PENDING:
+        if isinstance(conn, PendingConn):
             hs = conn.handshake
-            assert hs is not None
             if flags & (SYN | ACK) == SYN | ACK and pkt.ack == (hs.client_isn + 1) & U32:
                 return self._server_synack(pkt, key, conn, hs, now)
             if flags & RST and pkt.ack == (hs.client_isn + 1) & U32:
@@ -658,11 +677,13 @@ class Engine:
         self.stats.translated += 1
         return [Accept(out)]
 
-    def _server_synack(self, pkt: Packet, key: ConnKey, conn: Conn, hs: Handshake, now: float) -> list[Action]:
+    def _server_synack(
+        self, pkt: Packet, key: ConnKey, pending: PendingConn, hs: Handshake, now: float
+    ) -> list[Action]:
         """The server accepted: finish its handshake and switch to translation."""
         family, client, cport, server, sport = split_key(key)
         opts = pkt.options
-        shape = conn.shape
+        shape = pending.shape
         offered_ts = shape.ts
         seq_offset, ts_offset = (hs.cookie - pkt.seq) & U32, 0
         server_recv_shift = server_send_shift = 0  # scaling off toward the server unless:
@@ -671,11 +692,11 @@ class Engine:
         if offered_ts and opts.ts is not None:
             ts_offset = (opts.ts[0] - hs.proxy_tsval) & U32  # server clock - proxy clock
         # (if the server declined timestamps, there is nothing to translate)
-        conn.offsets = seq_offset | ts_offset << 32
-        conn.shape = shape = self._shape(replace(
+        shape = self._shape(replace(
             shape, ts=offered_ts and opts.ts is not None,
             server_recv_shift=server_recv_shift, server_send_shift=server_send_shift,
         ))
+        self.conns[key] = conn = Conn(shape, pending.seen, seq_offset | ts_offset << 32)
         # A SYN-ACK answers only what the SYN offered: learn just those options.
         prev = self.profile(family, server, sport)
         self.learn_profile(
@@ -688,8 +709,6 @@ class Engine:
                 window=pkt.window,
             ),
         )
-        conn.state = State.ESTABLISHED
-        conn.handshake = None
         self.limits.promoted(self.limits.source_key(family, client))
         self.stats.backend_handshakes["established"] += 1
         if not self._sweep_keys and self._sweep_at < now:
@@ -747,52 +766,44 @@ class Engine:
                 self._closing(key, conn, now, "fin")
 
     def _closing(self, key: ConnKey, conn: Conn, now: float, why: str) -> None:
-        if conn.state is State.ESTABLISHED:
+        if not isinstance(conn, ClosingConn):  # established until now
             self.limits.closed(self._source(key), was_pending=False)
             self.stats.closed[why] += 1
-        conn.state = State.CLOSING
+            self.conns[key] = conn = ClosingConn(conn.shape, conn.seen, conn.offsets)
         self._set_timer(key, conn, now + self.config.closing_linger)
 
-    def _expire(self, key: ConnKey, conn: Conn, now: float) -> list[Action]:
-        if conn.state is State.PENDING:
-            hs = conn.handshake
-            assert hs is not None
-            if now >= hs.gives_up_at:
-                self.stats.backend_handshakes["timeout"] += 1
-                family, client, cport, server, sport = split_key(key)
-                # Clean the server's half-open socket too, in case only its SYN-ACK was lost.
-                rst = P.build(family, client, server, cport, sport, (hs.client_isn + 1) & U32, 0, RST, 0)
-                return [Send(family, server, rst, Direction.FROM_CLIENT, "rst"), *self._reset_client(key, conn, "timeout")]
-            self._set_timer(key, conn, min(now + self.config.syn_retry_interval, hs.gives_up_at))
-            family, _, _, server, _ = split_key(key)
-            return [Send(family, server, hs.syn, Direction.FROM_CLIENT, "syn")]
-        if conn.state is State.CLOSING:
+    def _expire(self, key: ConnKey, conn: PendingConn | ClosingConn, now: float) -> list[Action]:
+        if isinstance(conn, ClosingConn):
             self._forget(key)  # linger over
-        return []
+            return []
+        hs = conn.handshake
+        family, client, cport, server, sport = split_key(key)
+        if now >= hs.gives_up_at:
+            self.stats.backend_handshakes["timeout"] += 1
+            # Clean the server's half-open socket too, in case only its SYN-ACK was lost.
+            rst = P.build(family, client, server, cport, sport, (hs.client_isn + 1) & U32, 0, RST, 0)
+            return [Send(family, server, rst, Direction.FROM_CLIENT, "rst"), *self._reset_client(key, conn, "timeout")]
+        self._set_timer(key, conn, min(now + self.config.syn_retry_interval, hs.gives_up_at))
+        return [Send(family, server, hs.syn, Direction.FROM_CLIENT, "syn")]
 
-    def _reset_client(self, key: ConnKey, conn: Conn, why: str) -> list[Action]:
+    def _reset_client(self, key: ConnKey, conn: PendingConn, why: str) -> list[Action]:
         """RST the client of a pending connection and free its state."""
         family, client, cport, server, sport = split_key(key)
-        rst = P.build(
-            family, server, client, sport, cport,
-            (conn.handshake.cookie + 1) & U32 if conn.handshake else 0,
-            conn.handshake.held_next if conn.handshake else 0,
-            RST | ACK, 0,
-        )
+        hs = conn.handshake
+        rst = P.build(family, server, client, sport, cport, (hs.cookie + 1) & U32, hs.held_next, RST | ACK, 0)
         self._remove(key, conn, why)
         return [Send(family, client, rst, Direction.FROM_SERVER, "rst")]
 
-    def _abort_pending(self, key: ConnKey, conn: Conn, why: str) -> list[Action]:
+    def _abort_pending(self, key: ConnKey, conn: PendingConn, why: str) -> list[Action]:
         self.stats.backend_handshakes["aborted"] += 1  # the client gave up first
         family, client, cport, server, sport = split_key(key)
-        assert conn.handshake is not None
         rst = P.build(family, client, server, cport, sport, (conn.handshake.client_isn + 1) & U32, 0, RST, 0)
         self._remove(key, conn, why)
         return [Drop(why), Send(family, server, rst, Direction.FROM_CLIENT, "rst")]
 
     def _remove(self, key: ConnKey, conn: Conn, why: str) -> None:
-        if conn.state is not State.CLOSING:
-            pending = conn.state is State.PENDING
+        if not isinstance(conn, ClosingConn):
+            pending = isinstance(conn, PendingConn)
             self.limits.closed(self._source(key), was_pending=pending)
             if not pending:
                 self.stats.closed[why] += 1
