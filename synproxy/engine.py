@@ -19,9 +19,11 @@ Life of a connection:
 from __future__ import annotations
 
 import heapq
+import struct
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
+from typing import ClassVar
 
 from . import packet as P
 from .cookie import CookieMaker, CookieMatch, CookieOptions
@@ -125,6 +127,8 @@ class EngineConfig:
             raise ValueError(f"MSS must be 536..65535, got {self.mss}")
         if not 536 + HEADERS_WITHOUT_OPTIONS <= self.max_packet <= MAX_PACKET:
             raise ValueError(f"max_packet must be {536 + HEADERS_WITHOUT_OPTIONS}..{MAX_PACKET}, got {self.max_packet}")
+        if not self.idle_timeout > 0:
+            raise ValueError(f"idle timeout must be > 0, got {self.idle_timeout}")
 
     @property
     def max_mss(self) -> int:
@@ -132,14 +136,46 @@ class EngineConfig:
         return self.max_packet - HEADERS_WITHOUT_OPTIONS
 
 
+# A connection's last activity is kept as a tick of idle_timeout / IDLE_TICKS seconds,
+# modulo 256: a small int, which CPython shares, where a float cost 24 bytes each. The
+# sweep expires a connection once IDLE_TICKS + 1 ticks have passed since (so never before
+# idle_timeout, and at most 2/IDLE_TICKS of it later); it looks at every connection
+# far more often than the 256 - IDLE_TICKS ticks after which the count would wrap.
+IDLE_TICKS = 64
+TICK_MASK = 0xFF
+
+
 def seq_after(a: int, b: int) -> bool:
     """a comes after b in 32-bit sequence space."""
     return 0 < ((a - b) & U32) < 0x80000000
 
 
-ConnKey = tuple[int, bytes, int, bytes, int]  # family, client addr, client port, server addr, server port
+# A connection's key: client address, server address, client port, server port, packed
+# into one bytes object (12 bytes for IPv4, 36 for IPv6). One object where a 5-tuple took
+# three (tuple, client address, client port: 145 bytes against 45 for IPv4), built per
+# packet by one struct call; and bytes hash with the per-process SipHash key, so peers
+# cannot aim collisions at the table (ints would not).
+ConnKey = bytes
 ServerKey = tuple[int, bytes, int]
 SynAckPlan = tuple[int, int, bool, bool]  # window, MSS, SACK-permitted, timestamps
+_pack_key_v4 = struct.Struct("!4s4sHH").pack
+_pack_key_v6 = struct.Struct("!16s16sHH").pack
+_unpack_key_v4 = struct.Struct("!4s4sHH").unpack
+_unpack_key_v6 = struct.Struct("!16s16sHH").unpack
+
+
+def conn_key(family: int, client: bytes, server: bytes, cport: int, sport: int) -> ConnKey:
+    """The key of the connection between these two ends."""
+    return (_pack_key_v4 if family == 4 else _pack_key_v6)(client, server, cport, sport)
+
+
+def split_key(key: ConnKey) -> tuple[int, bytes, int, bytes, int]:
+    """family, client address, client port, server address, server port of a key."""
+    if len(key) == 12:
+        client, server, cport, sport = _unpack_key_v4(key)
+        return 4, client, cport, server, sport
+    client, server, cport, sport = _unpack_key_v6(key)
+    return 6, client, cport, server, sport
 
 
 @dataclass(slots=True)
@@ -167,7 +203,7 @@ class Translation:
     Shaped like what conntrack can do in the kernel (CTA_SEQ_ADJ_REPLY offset,
     CTA_SYNPROXY tsoff); the kernel cannot rescale windows, so a flow is
     offloadable only when the two window scales agree. `Conn` keeps the same
-    fields flat (one object less per connection); `Conn.translation` is this view.
+    numbers more compactly; `Conn.translation` is this view.
     """
 
     seq_offset: int = 0  # server seq + offset = seq the client sees
@@ -185,30 +221,74 @@ class Translation:
         )
 
 
-@dataclass(slots=True)
-class Conn:
-    """Per-connection state: small and explicit (see Translation for the numbers)."""
+@dataclass(frozen=True, slots=True)
+class Shape:
+    """What a connection negotiated, and which FINs it has seen.
 
-    state: State
-    ts: bool  # timestamps negotiated with the client
-    last_seen: float
-    handshake: Handshake | None = None
-    seq_offset: int = 0
-    ts_offset: int = 0
-    client_send_shift: int = 0
-    server_recv_shift: int = 0
-    server_send_shift: int = 0
-    client_recv_shift: int = 0
-    deadline: float = 0.0  # for PENDING and CLOSING; ESTABLISHED is swept for idleness
+    Few distinct values exist at a time (the scales a server picks, timestamps on or
+    off), so the engine interns them and a connection holds one shared reference
+    instead of seven fields of its own. Replaced, never changed, when a field changes.
+    """
+
+    ts: bool = False  # timestamps negotiated with the client (and, once established, the server)
+    client_send_shift: int = 0  # scale of windows the client sends
+    server_recv_shift: int = 0  # scale the server applies to them
+    server_send_shift: int = 0  # scale of windows the server sends
+    client_recv_shift: int = 0  # scale the client applies to them (what the proxy advertised)
     fin_from_client: bool = False
     fin_from_server: bool = False
 
+
+@dataclass(slots=True)
+class Conn:
+    """An established connection, kept small: there may be a million (see Translation for the numbers).
+
+    Pending and closing connections are the subclasses: they add what only those phases
+    need, and the engine replaces the object when the phase changes; so `state` is a
+    class attribute, and an established connection is three references, two of them to
+    shared objects.
+    """
+
+    state: ClassVar[State] = State.ESTABLISHED
+    shape: Shape
+    seen: int  # tick of the last packet (see IDLE_TICKS)
+    # seq_offset | ts_offset << 32 (see Translation): one 64-bit int where two cost 64
+    # bytes. Adding or subtracting it mod 2**32 applies seq_offset as it is; only the
+    # timestamps need the shift.
+    offsets: int = 0
+
+    @property
+    def seq_offset(self) -> int:
+        return self.offsets & U32
+
+    @property
+    def ts_offset(self) -> int:
+        return self.offsets >> 32
+
     @property
     def translation(self) -> Translation:
+        sh = self.shape
         return Translation(
-            self.seq_offset, self.ts_offset, self.client_send_shift,
-            self.server_recv_shift, self.server_send_shift, self.client_recv_shift,
+            self.seq_offset, self.ts_offset, sh.client_send_shift,
+            sh.server_recv_shift, sh.server_send_shift, sh.client_recv_shift,
         )
+
+
+@dataclass(slots=True, kw_only=True)
+class PendingConn(Conn):
+    """A connection whose server handshake is in flight."""
+
+    state: ClassVar[State] = State.PENDING
+    handshake: Handshake
+    deadline: float = 0.0  # the next SYN resend or the give-up (its timer heap entry)
+
+
+@dataclass(slots=True, kw_only=True)
+class ClosingConn(Conn):
+    """A connection after FIN both ways or a RST, kept a while to translate retransmissions."""
+
+    state: ClassVar[State] = State.CLOSING
+    deadline: float = 0.0  # the end of the linger (its timer heap entry)
 
 
 @dataclass
@@ -254,8 +334,8 @@ class Engine:
         # snapshot of the keys, so they need no timer entry each.
         self._sweep_keys: list[ConnKey] = []
         self._sweep_at = 0.0
-        # One shared object per server address and port instead of one per connection.
-        self._interned: dict[object, object] = {}
+        self._ticks_per_second = IDLE_TICKS / config.idle_timeout
+        self._shapes: dict[Shape, Shape] = {}
         # IPv6 headers are 20 bytes longer: the same link gives a 20 bytes smaller MSS.
         d = config.default_profile
         self._default_v6 = BackendProfile(d.mss - 20, d.wscale, d.sack_ok, d.ts_ok, d.window)
@@ -319,7 +399,7 @@ class Engine:
         family, src, dst, sport, dport, seq, ack, flags, opt_start, opt_end = head
         ports = self.config.ports
         if dport in ports:
-            key: ConnKey = (family, src, sport, dst, dport)
+            key = (_pack_key_v4 if family == 4 else _pack_key_v6)(src, dst, sport, dport)
             conn = self.conns.get(key)
             if conn is None:
                 kind = flags & (SYN | ACK | RST)
@@ -344,7 +424,7 @@ class Engine:
                 pkt = P.from_peeked(data, head)
             except PacketError as err:
                 return self._malformed(err)
-            key = (family, dst, dport, src, sport)
+            key = (_pack_key_v4 if family == 4 else _pack_key_v6)(dst, src, dport, sport)
             return self._server_packet(pkt, key, self.conns.get(key), now)
         return None
 
@@ -394,17 +474,17 @@ class Engine:
 
     def handle(self, pkt: Packet, direction: Direction, now: float) -> list[Action]:
         """Handle one packet; the first action is always its verdict."""
-        if direction is Direction.FROM_CLIENT:
-            key: ConnKey = (pkt.family, pkt.src, pkt.sport, pkt.dst, pkt.dport)
+        if direction is Direction.FROM_CLIENT:  # conn_key(), inlined on the per-packet path
+            key = (_pack_key_v4 if pkt.family == 4 else _pack_key_v6)(pkt.src, pkt.dst, pkt.sport, pkt.dport)
             return self._client_packet(pkt, key, self.conns.get(key), now)
-        key = (pkt.family, pkt.dst, pkt.dport, pkt.src, pkt.sport)
+        key = (_pack_key_v4 if pkt.family == 4 else _pack_key_v6)(pkt.dst, pkt.src, pkt.dport, pkt.sport)
         return self._server_packet(pkt, key, self.conns.get(key), now)
 
     def _client_packet(self, pkt: Packet, key: ConnKey, conn: Conn | None, now: float) -> list[Action]:
         """A client's packet and the state of its tuple, if any."""
         if conn is None:
             return self._from_client_stateless(pkt, key, None, now)
-        if conn.state is State.CLOSING and pkt.flags & (SYN | ACK | RST) in (SYN, ACK):
+        if isinstance(conn, ClosingConn) and pkt.flags & (SYN | ACK | RST) in (SYN, ACK):
             # Perhaps a new connection on the same tuple right after the old one.
             return self._from_client_stateless(pkt, key, conn, now)
         return self._from_client(pkt, key, conn, now)
@@ -431,8 +511,8 @@ class Engine:
         while timers and timers[0][0] <= now:
             at, key = heapq.heappop(timers)
             conn = self.conns.get(key)
-            if conn is None or conn.deadline != at:
-                continue  # stale entry
+            if not isinstance(conn, PendingConn | ClosingConn) or conn.deadline != at:
+                continue  # stale entry: the connection is gone, moved on or re-armed
             out.extend(self._expire(key, conn, now))
         if now >= self._sweep_at and (self.limits.established or self._sweep_keys):
             self._sweep(now)
@@ -445,18 +525,32 @@ class Engine:
         batch = self._sweep_keys[-self.SWEEP_BATCH :]
         del self._sweep_keys[-self.SWEEP_BATCH :]
         idle = self.config.idle_timeout
+        tick = int(now * self._ticks_per_second) & TICK_MASK
         for key in batch:
             conn = self.conns.get(key)
-            if conn is not None and conn.state is State.ESTABLISHED and now - conn.last_seen >= idle:
-                self.limits.closed(self.limits.source_key(key[0], key[1]), was_pending=False)
+            if conn is not None and conn.state is State.ESTABLISHED and (tick - conn.seen) & TICK_MASK > IDLE_TICKS:
+                self.limits.closed(self._source(key), was_pending=False)
                 self.stats.closed["idle"] += 1
                 del self.conns[key]
         # A whole pass takes at most a tenth of the idle timeout (or a minute).
         passes = max(1, len(self.conns) // self.SWEEP_BATCH)
         self._sweep_at = now + (0.0 if self._sweep_keys else min(idle / 10, 60.0)) + min(1.0, 1.0 / passes)
 
-    def _intern(self, value: object) -> object:
-        return self._interned.setdefault(value, value)
+    def _source(self, key: ConnKey) -> bytes:
+        """The limits' source key of a connection: its client address's prefix."""
+        if len(key) == 12:
+            return self.limits.source_key(4, key[:4])
+        return self.limits.source_key(6, key[:16])
+
+    def _shape(self, shape: Shape) -> Shape:
+        """The shared instance equal to `shape`."""
+        got = self._shapes.get(shape)
+        if got is None:
+            if len(self._shapes) >= 4096:  # bounded: a few dozen in practice
+                self.stats.evicted["shapes"] += len(self._shapes)
+                self._shapes.clear()
+            got = self._shapes[shape] = shape
+        return got
 
     def learn_profile(self, family: int, server: bytes, port: int, profile: BackendProfile) -> None:
         """Record what a server announces (from a probe or an observed SYN-ACK)."""
@@ -476,7 +570,7 @@ class Engine:
 
     # ------------------------------------------------------------ helpers
 
-    def _set_timer(self, key: ConnKey, conn: Conn, at: float) -> None:
+    def _set_timer(self, key: ConnKey, conn: PendingConn | ClosingConn, at: float) -> None:
         conn.deadline = at
         heapq.heappush(self._timers, (at, key))
 
@@ -510,7 +604,7 @@ class Engine:
 
     # ------------------------------------------------------------ client side
 
-    def _from_client_stateless(self, pkt: Packet, key: ConnKey, old: Conn | None, now: float) -> list[Action]:
+    def _from_client_stateless(self, pkt: Packet, key: ConnKey, old: ClosingConn | None, now: float) -> list[Action]:
         flags = pkt.flags
         if flags & (SYN | ACK | RST) == SYN:
             return self._answer_syn(pkt, now)
@@ -544,7 +638,7 @@ class Engine:
         self.stats.synack_sent += 1
         return [_SYN_ANSWERED, Send(pkt.family, pkt.src, synack, Direction.FROM_SERVER, "synack")]
 
-    def _validate(self, pkt: Packet, key: ConnKey, old: Conn | None, now: float) -> list[Action]:
+    def _validate(self, pkt: Packet, key: ConnKey, old: ClosingConn | None, now: float) -> list[Action]:
         """An ACK (or data) without state must carry a cookie for exactly seq-1."""
         client_isn = (pkt.seq - 1) & U32
         match = self.cookies.check(
@@ -575,11 +669,7 @@ class Engine:
     def _open_backend(
         self, pkt: Packet, key: ConnKey, client_isn: int, c_opts: CookieOptions, slot: int, now: float
     ) -> list[Action]:
-        family, client, cport, server, sport = key
-        if len(self._interned) > 4096:
-            self.stats.evicted["interned"] += len(self._interned)
-            self._interned.clear()  # bounded: only validated connections add servers
-        key = (family, client, cport, self._intern(server), self._intern(sport))  # type: ignore[assignment]
+        family, client, cport, server, sport = pkt.family, pkt.src, pkt.sport, pkt.dst, pkt.dport
         ts = pkt.options.ts
         wscale_ok = c_opts.wscale is not None  # window scaling was negotiated with the client
         client_send_shift = client_recv_shift = 0
@@ -594,12 +684,9 @@ class Engine:
         )
         syn_window = min(pkt.window << client_send_shift, MAX_WINDOW_FIELD)
         syn = P.build(family, client, server, cport, sport, client_isn, 0, SYN, syn_window, syn_opts)
-        conn = Conn(
-            state=State.PENDING,
-            ts=ts is not None,
-            last_seen=now,
-            client_send_shift=client_send_shift,
-            client_recv_shift=client_recv_shift,
+        conn = PendingConn(
+            shape=self._shape(Shape(ts is not None, client_send_shift, 0, 0, client_recv_shift)),
+            seen=int(now * self._ticks_per_second) & TICK_MASK,
             handshake=Handshake(
                 client_isn=client_isn,
                 cookie=(pkt.ack - 1) & U32,
@@ -615,15 +702,14 @@ class Engine:
         )
         self.conns[key] = conn
         self.limits.opened(self.limits.source_key(family, client))
-        self._set_timer(key, conn, min(now + self.config.syn_retry_interval, conn.handshake.gives_up_at))  # type: ignore[union-attr]
+        self._set_timer(key, conn, min(now + self.config.syn_retry_interval, conn.handshake.gives_up_at))
         out: list[Action] = [Drop("validated"), Send(family, server, syn, Direction.FROM_CLIENT, "syn")]
         self._hold(conn, pkt)
         return out
 
-    def _hold(self, conn: Conn, pkt: Packet) -> None:
+    def _hold(self, conn: PendingConn, pkt: Packet) -> None:
         """Keep client data that arrives before the server is connected (bounded)."""
         hs = conn.handshake
-        assert hs is not None
         if pkt.flags & ACK:
             hs.client_window = pkt.window
             if pkt.options.ts is not None:
@@ -645,8 +731,8 @@ class Engine:
         hs.held_next = end
 
     def _from_client(self, pkt: Packet, key: ConnKey, conn: Conn, now: float) -> list[Action]:
-        conn.last_seen = now
-        if conn.state is State.PENDING:
+        conn.seen = int(now * self._ticks_per_second) & TICK_MASK
+        if isinstance(conn, PendingConn):
             if pkt.flags & RST:
                 return self._abort_pending(key, conn, "client_rst")
             if pkt.flags & SYN:
@@ -660,17 +746,18 @@ class Engine:
                 self.stats.dropped["unexpected_synack"] += 1
                 return [Drop("unexpected_synack")]
             return self._answer_syn(pkt, now)
-        new_ack = (pkt.ack - conn.seq_offset) & U32 if pkt.flags & ACK else None
+        shape, offsets = conn.shape, conn.offsets
+        new_ack = (pkt.ack - offsets) & U32 if pkt.flags & ACK else None
         ts = pkt.options.ts
         window = pkt.window
-        if conn.client_send_shift != conn.server_recv_shift:
-            window = min((window << conn.client_send_shift) >> conn.server_recv_shift, MAX_WINDOW_FIELD)
+        if shape.client_send_shift != shape.server_recv_shift:
+            window = min((window << shape.client_send_shift) >> shape.server_recv_shift, MAX_WINDOW_FIELD)
         out = P.rewrite(
             pkt,
             ack=new_ack,
             window=window,
-            tsecr=(ts[1] + conn.ts_offset) & U32 if ts is not None and conn.ts else None,
-            sack_delta=-conn.seq_offset & U32,
+            tsecr=(ts[1] + (offsets >> 32)) & U32 if ts is not None and shape.ts else None,
+            sack_delta=-offsets & U32,
         )
         self._track_close(key, conn, pkt, Direction.FROM_CLIENT, now)
         self.stats.translated += 1
@@ -688,11 +775,10 @@ class Engine:
         return [Drop("server_no_state"), Send(pkt.family, pkt.src, rst, Direction.FROM_CLIENT, "rst")]
 
     def _from_server(self, pkt: Packet, key: ConnKey, conn: Conn, now: float) -> list[Action]:
-        conn.last_seen = now
+        conn.seen = int(now * self._ticks_per_second) & TICK_MASK
         flags = pkt.flags
-        if conn.state is State.PENDING:
+        if isinstance(conn, PendingConn):
             hs = conn.handshake
-            assert hs is not None
             if flags & (SYN | ACK) == SYN | ACK and pkt.ack == (hs.client_isn + 1) & U32:
                 return self._server_synack(pkt, key, conn, hs, now)
             if flags & RST and pkt.ack == (hs.client_isn + 1) & U32:
@@ -706,33 +792,39 @@ class Engine:
             return [Drop("unexpected_syn")]
         ts = pkt.options.ts
         window = pkt.window
-        if conn.server_send_shift != conn.client_recv_shift:
-            window = min((window << conn.server_send_shift) >> conn.client_recv_shift, MAX_WINDOW_FIELD)
+        shape, offsets = conn.shape, conn.offsets
+        if shape.server_send_shift != shape.client_recv_shift:
+            window = min((window << shape.server_send_shift) >> shape.client_recv_shift, MAX_WINDOW_FIELD)
         out = P.rewrite(
             pkt,
-            seq=(pkt.seq + conn.seq_offset) & U32,
+            seq=(pkt.seq + offsets) & U32,
             window=window,
-            tsval=(ts[0] - conn.ts_offset) & U32 if ts is not None and conn.ts else None,
+            tsval=(ts[0] - (offsets >> 32)) & U32 if ts is not None and shape.ts else None,
         )
         self._track_close(key, conn, pkt, Direction.FROM_SERVER, now)
         self.stats.translated += 1
         return [Accept(out)]
 
-    def _server_synack(self, pkt: Packet, key: ConnKey, conn: Conn, hs: Handshake, now: float) -> list[Action]:
+    def _server_synack(
+        self, pkt: Packet, key: ConnKey, pending: PendingConn, hs: Handshake, now: float
+    ) -> list[Action]:
         """The server accepted: finish its handshake and switch to translation."""
-        family, client, cport, server, sport = key
+        family, client, cport, server, sport = split_key(key)
         opts = pkt.options
-        offered_ts = conn.ts
-        conn.seq_offset = (hs.cookie - pkt.seq) & U32
+        shape = pending.shape
+        offered_ts = shape.ts
+        seq_offset, ts_offset = (hs.cookie - pkt.seq) & U32, 0
+        server_recv_shift = server_send_shift = 0  # scaling off toward the server unless:
         if hs.wscale_ok and opts.wscale is not None:  # the server took the client's window scale
-            conn.server_recv_shift = conn.client_send_shift
-            conn.server_send_shift = min(opts.wscale, 14)
-        # else scaling is off toward the server and both its shifts stay 0
-        if conn.ts:
-            if opts.ts is not None:
-                conn.ts_offset = (opts.ts[0] - hs.proxy_tsval) & U32  # server clock - proxy clock
-            else:
-                conn.ts = False  # the server declined timestamps: nothing to translate
+            server_recv_shift, server_send_shift = shape.client_send_shift, min(opts.wscale, 14)
+        if offered_ts and opts.ts is not None:
+            ts_offset = (opts.ts[0] - hs.proxy_tsval) & U32  # server clock - proxy clock
+        # (if the server declined timestamps, there is nothing to translate)
+        shape = self._shape(replace(
+            shape, ts=offered_ts and opts.ts is not None,
+            server_recv_shift=server_recv_shift, server_send_shift=server_send_shift,
+        ))
+        self.conns[key] = conn = Conn(shape, pending.seen, seq_offset | ts_offset << 32)
         # A SYN-ACK answers only what the SYN offered: learn just those options.
         prev = self.profile(family, server, sport)
         self.learn_profile(
@@ -745,8 +837,6 @@ class Engine:
                 window=pkt.window,
             ),
         )
-        conn.state = State.ESTABLISHED
-        conn.handshake = None
         self.limits.promoted(self.limits.source_key(family, client))
         self.stats.backend_handshakes["established"] += 1
         if not self._sweep_keys and self._sweep_at < now:
@@ -759,10 +849,10 @@ class Engine:
             if isinstance(first, Accept) and first.payload is not None:
                 out.append(Send(family, server, first.payload, Direction.FROM_CLIENT, "data"))
         # Tell the client the server's real window, in the scale the client uses.
-        window = min(pkt.window >> conn.client_recv_shift, MAX_WINDOW_FIELD)
+        window = min(pkt.window >> shape.client_recv_shift, MAX_WINDOW_FIELD)
         upd_opts = None
-        if conn.ts and opts.ts is not None:
-            upd_opts = TcpOptions(ts=((opts.ts[0] - conn.ts_offset) & U32, hs.client_tsval))
+        if shape.ts and opts.ts is not None:
+            upd_opts = TcpOptions(ts=((opts.ts[0] - ts_offset) & U32, hs.client_tsval))
         update = P.build(
             family, server, client, sport, cport,
             (hs.cookie + 1) & U32, (hs.client_isn + 1) & U32, ACK, window, upd_opts,
@@ -771,13 +861,14 @@ class Engine:
         return out
 
     def _ack_to_server(self, key: ConnKey, conn: Conn, synack: Packet, hs: Handshake | None = None) -> Send:
-        family, client, cport, server, sport = key
+        family, client, cport, server, sport = split_key(key)
+        shape = conn.shape
         if hs is not None:
-            window = min((hs.client_window << conn.client_send_shift) >> conn.server_recv_shift, MAX_WINDOW_FIELD)
+            window = min((hs.client_window << shape.client_send_shift) >> shape.server_recv_shift, MAX_WINDOW_FIELD)
         else:  # a resent ACK after the handshake: about 64 KiB, in the server's view
-            window = MAX_WINDOW_FIELD >> conn.server_recv_shift
+            window = MAX_WINDOW_FIELD >> shape.server_recv_shift
         opts = None
-        if conn.ts and synack.options.ts is not None:
+        if shape.ts and synack.options.ts is not None:
             tsval = hs.client_tsval if hs is not None else synack.options.ts[1]
             opts = TcpOptions(ts=(tsval, synack.options.ts[0]))
         ack = P.build(
@@ -795,59 +886,53 @@ class Engine:
             return
         if flags & FIN:
             if direction is Direction.FROM_CLIENT:
-                conn.fin_from_client = True
+                shape = replace(conn.shape, fin_from_client=True)
             else:
-                conn.fin_from_server = True
-            if conn.fin_from_client and conn.fin_from_server:
+                shape = replace(conn.shape, fin_from_server=True)
+            conn.shape = self._shape(shape)
+            if shape.fin_from_client and shape.fin_from_server:
                 self._closing(key, conn, now, "fin")
 
     def _closing(self, key: ConnKey, conn: Conn, now: float, why: str) -> None:
-        if conn.state is State.ESTABLISHED:
-            self.limits.closed(self.limits.source_key(key[0], key[1]), was_pending=False)
+        if not isinstance(conn, ClosingConn):  # established until now
+            self.limits.closed(self._source(key), was_pending=False)
             self.stats.closed[why] += 1
-        conn.state = State.CLOSING
+            self.conns[key] = conn = ClosingConn(conn.shape, conn.seen, conn.offsets)
         self._set_timer(key, conn, now + self.config.closing_linger)
 
-    def _expire(self, key: ConnKey, conn: Conn, now: float) -> list[Action]:
-        if conn.state is State.PENDING:
-            hs = conn.handshake
-            assert hs is not None
-            if now >= hs.gives_up_at:
-                self.stats.backend_handshakes["timeout"] += 1
-                family, client, cport, server, sport = key
-                # Clean the server's half-open socket too, in case only its SYN-ACK was lost.
-                rst = P.build(family, client, server, cport, sport, (hs.client_isn + 1) & U32, 0, RST, 0)
-                return [Send(family, server, rst, Direction.FROM_CLIENT, "rst"), *self._reset_client(key, conn, "timeout")]
-            self._set_timer(key, conn, min(now + self.config.syn_retry_interval, hs.gives_up_at))
-            return [Send(key[0], key[3], hs.syn, Direction.FROM_CLIENT, "syn")]
-        if conn.state is State.CLOSING:
+    def _expire(self, key: ConnKey, conn: PendingConn | ClosingConn, now: float) -> list[Action]:
+        if isinstance(conn, ClosingConn):
             self._forget(key)  # linger over
-        return []
+            return []
+        hs = conn.handshake
+        family, client, cport, server, sport = split_key(key)
+        if now >= hs.gives_up_at:
+            self.stats.backend_handshakes["timeout"] += 1
+            # Clean the server's half-open socket too, in case only its SYN-ACK was lost.
+            rst = P.build(family, client, server, cport, sport, (hs.client_isn + 1) & U32, 0, RST, 0)
+            return [Send(family, server, rst, Direction.FROM_CLIENT, "rst"), *self._reset_client(key, conn, "timeout")]
+        self._set_timer(key, conn, min(now + self.config.syn_retry_interval, hs.gives_up_at))
+        return [Send(family, server, hs.syn, Direction.FROM_CLIENT, "syn")]
 
-    def _reset_client(self, key: ConnKey, conn: Conn, why: str) -> list[Action]:
+    def _reset_client(self, key: ConnKey, conn: PendingConn, why: str) -> list[Action]:
         """RST the client of a pending connection and free its state."""
-        family, client, cport, server, sport = key
-        rst = P.build(
-            family, server, client, sport, cport,
-            (conn.handshake.cookie + 1) & U32 if conn.handshake else 0,
-            conn.handshake.held_next if conn.handshake else 0,
-            RST | ACK, 0,
-        )
+        family, client, cport, server, sport = split_key(key)
+        hs = conn.handshake
+        rst = P.build(family, server, client, sport, cport, (hs.cookie + 1) & U32, hs.held_next, RST | ACK, 0)
         self._remove(key, conn, why)
         return [Send(family, client, rst, Direction.FROM_SERVER, "rst")]
 
-    def _abort_pending(self, key: ConnKey, conn: Conn, why: str) -> list[Action]:
+    def _abort_pending(self, key: ConnKey, conn: PendingConn, why: str) -> list[Action]:
         self.stats.backend_handshakes["aborted"] += 1  # the client gave up first
-        family, client, cport, server, sport = key
-        assert conn.handshake is not None
+        family, client, cport, server, sport = split_key(key)
         rst = P.build(family, client, server, cport, sport, (conn.handshake.client_isn + 1) & U32, 0, RST, 0)
         self._remove(key, conn, why)
         return [Drop(why), Send(family, server, rst, Direction.FROM_CLIENT, "rst")]
 
     def _remove(self, key: ConnKey, conn: Conn, why: str) -> None:
-        if conn.state is not State.CLOSING:
-            pending = conn.state is State.PENDING
-            self.limits.closed(self.limits.source_key(key[0], key[1]), was_pending=pending)
+        if not isinstance(conn, ClosingConn):
+            pending = isinstance(conn, PendingConn)
+            self.limits.closed(self._source(key), was_pending=pending)
             if not pending:
                 self.stats.closed[why] += 1
         self._forget(key)

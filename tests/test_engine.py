@@ -18,6 +18,8 @@ from synproxy.engine import (
     EngineConfig,
     Send,
     State,
+    conn_key,
+    split_key,
 )
 from synproxy.keys import KeyRing
 from synproxy.packet import ACK, FIN, PSH, RST, SYN, TcpOptions
@@ -349,13 +351,15 @@ def test_rst_from_server_forwarded_and_state_closed() -> None:
 
 
 def test_idle_timeout_and_activity_extends_it() -> None:
-    eng, f = make_engine(idle_timeout=600.0), Flow(ts=False)
+    eng, f = make_engine(idle_timeout=640.0), Flow(ts=False)  # ticks of 640/IDLE_TICKS = 10 s
     handshake(eng, f)
     eng.handle(f.c(f.client_isn + 1, 0, ACK), C2S, T0 + 500)
     eng.handle_timer(T0 + 601)
-    assert len(eng.conns) == 1  # active at 500: lives until 1100
-    eng.handle_timer(T0 + 1101)
-    assert eng.conns == {} and eng.stats.closed["idle"] == 1
+    assert len(eng.conns) == 1  # active at 500: lives at least until 1140
+    gone_at = next(t for t in range(601, 2000) if not eng.handle_timer(T0 + t) and not eng.conns)
+    assert eng.stats.closed["idle"] == 1
+    # never before the timeout; at most two ticks plus one sweep interval (a tenth of it) later
+    assert 500 + 640 < gone_at <= 500 + 640 + 2 * 10 + 64 + 1
 
 
 def test_new_connection_on_same_tuple_after_close() -> None:
@@ -515,3 +519,12 @@ def test_translation_view_says_when_the_kernel_could_take_over() -> None:
     other = make_engine(wscale=12)
     handshake(other, Flow(), server_ws=7)
     assert not next(iter(other.conns.values())).translation.kernel_offloadable  # the kernel cannot rescale
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_conn_key_is_one_bytes_object_that_splits_back(family: int) -> None:
+    eng, f = make_engine(), Flow(family=family)
+    handshake(eng, f)
+    key = conn_key(family, f.client, f.server, f.cport, 80)
+    assert list(eng.conns) == [key] and len(key) == (12 if family == 4 else 36)
+    assert split_key(key) == (family, f.client, f.cport, f.server, 80)
