@@ -39,10 +39,12 @@ test: install
 demo: install
 	@$(VENV)/bin/synproxy demo
 
-# Micro-benchmark (per SYN/ACK/segment), then the flood benchmark against the kernel's defences.
+# Micro-benchmark (per SYN/ACK/segment), the flood benchmark against the kernel's defences, and
+# an established download during a flood.
 bench: install
 	@$(PY) bench/bench_syn.py
 	@$(PY) bench/flood.py
+	@$(PY) bench/download_flood.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

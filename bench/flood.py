@@ -1,9 +1,9 @@
 """Flood benchmark (not a test): the same SYN flood against five defences, side by side.
 
-    sudo .venv/bin/python bench/flood.py [--seconds 8] [--rates 10000,50000,max]
+    sudo .venv/bin/python bench/flood.py [--seconds 8] [--rates 5000,20000,100000,max]
 
 Each run builds a fresh lab (legitimate client, attacker, server; local mode), floods the server
-with spoofed SYNs from hping3 (bounded by count and time) while the client starts a connection
+with spoofed SYNs from hping3 (bounded by count and time; "max" is hping3 --flood, its full speed) while the client starts a connection
 every 50 ms (3 s timeout each), and measures:
   offered/s   SYNs that reached the server host (a counter rule first in raw PREROUTING)
   SYN-ACK/s   SYN-ACKs that left it, whoever made them (a counter rule in mangle POSTROUTING)
@@ -188,7 +188,8 @@ def table(rows: list[Row]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=8.0)
-    ap.add_argument("--rates", default="10000,50000,max", help="comma separated SYN/s, or 'max'")
+    ap.add_argument("--rates", default="5000,20000,100000,max",
+                    help="comma separated SYN/s (hping3 pacing), or max (hping3 --flood)")
     ap.add_argument("--defences", default="unprotected,kernel syncookies,kernel SYNPROXY,synproxy 1,synproxy 2")
     args = ap.parse_args()
     if os.geteuid() != 0:
