@@ -176,7 +176,7 @@ def _limit_options(func: Any) -> Any:
               show_envvar=True,
               help="First NFQUEUE number: queues Q..Q+N-1 carry traffic, Q+N..Q+2N-1 new SYNs (N = --workers).")
 @click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True, envvar="SYNPROXY_WORKERS",
-              show_envvar=True, help="Worker processes, one queue each, balanced by address; share the key file.")
+              show_envvar=True, help="Worker processes, two queues each, balanced by address; share the key file.")
 @click.option("--worker-index", type=click.IntRange(0, 63), default=None, envvar="SYNPROXY_WORKER_INDEX",
               show_envvar=True,
               help="Serve only worker I of --workers N, unsupervised (one systemd unit per worker); "

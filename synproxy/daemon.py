@@ -128,6 +128,9 @@ def serve_queue(opts: RunOptions, install_rules: bool, index: int = 0) -> None:
             current["ring"] = ring
 
     syn_queue = opts.syn_queue if opts.syn_queue is not None else opts.queue + opts.workers
+    if opts.queue_bypass and opts.queue_binding == "netfilterqueue":
+        log.warning("--queue-bypass: NetfilterQueue cannot set fail-open on a full queue; "
+                    "only an unbound queue is bypassed")
     shell = Shell(engine, opts.queue, opts.mark, on_tick=on_tick, binding=Binding(opts.queue_binding),
                   fail_open=opts.queue_bypass, syn_queue_num=syn_queue)
     addr = _metrics_addr(opts, index)

@@ -135,6 +135,7 @@ class NetfilterQueueReader:
         return int(self._nfq.get_fd())
 
     def receive(self, limit: int = 0) -> list[tuple[Any, bytes]]:
+        """Everything pending: NetfilterQueue drains the socket and cannot stop at `limit`."""
         self._nfq.run(block=False)  # drains what is pending through _collect
         batch, self._batch = self._batch, []
         return batch
