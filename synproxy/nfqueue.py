@@ -170,6 +170,13 @@ class NfQueue:
                     if code:
                         raise QueueError(code, os.strerror(code))
                     return
+                if mtype == _PACKET_TYPE and off + 28 <= len(data):
+                    # A packet queued while we configure (the rules were already in place):
+                    # it must not wait forever without a verdict; fail closed.
+                    handle = _HEAD.unpack_from(data, off)[2]
+                    self.sock.send(_VERDICT.pack(
+                        _VERDICT_LEN, _VERDICT_TYPE, NLM_F_REQUEST, 0, 0, socket.AF_UNSPEC, 0,
+                        socket.htons(self.config.queue_num), 12, NFQA_VERDICT_HDR, _NF_DROP_BE, handle))
                 off += (length + 3) & ~3 or len(data)
 
     def _configure(self, c: QueueConfig) -> None:
@@ -178,7 +185,10 @@ class NfQueue:
             self._request([(NFQA_CFG_CMD, cmd)])
         except QueueError as err:
             if err.errno == errno.EBUSY:
-                raise QueueError(err.errno, f"queue {c.queue_num} is already bound by another process") from err
+                raise QueueError(err.errno, f"queue {c.queue_num} is already bound") from err
+            if err.errno == errno.EPERM:  # another socket holds the queue, or no CAP_NET_ADMIN
+                raise QueueError(err.errno, f"queue {c.queue_num} is bound by another process "
+                                            "(or CAP_NET_ADMIN is missing)") from err
             raise
         params = struct.pack(">IB", min(c.copy_range, MAX_COPY_RANGE), NFQNL_COPY_PACKET)
         flags = NFQA_CFG_F_FAIL_OPEN if c.fail_open else 0
@@ -197,7 +207,8 @@ class NfQueue:
     def receive(self, limit: int = 0) -> list[tuple[int, bytes]]:
         """Up to `batch` queued packets as (packet handle, IP packet); [] when none are waiting.
 
-        `limit` (if > 0) asks for fewer. The handle is what `verdict()` takes (the kernel's id in host byte order's reading).
+        `limit` (if > 0) asks for fewer. The handle is what `verdict()` takes: the kernel's
+        big-endian packet id read in host byte order, so it packs back without a swap.
         """
         want = self.config.batch if limit <= 0 else min(limit, self.config.batch)
         n = _recvmmsg(self._fd, self._msgs, want, MSG_DONTWAIT, None)
