@@ -174,6 +174,9 @@ class Shell:
     BATCH = 64  # packets per read (recvmmsg) from the traffic queue
     TRAFFIC_BATCHES = 8  # traffic batches per round, at most
     SYN_BATCH = 16  # SYNs per round: ~0.3 ms of work, the most traffic waits for them
+    # A short SYN queue: beyond capacity the kernel drops the excess either way, and a SYN
+    # that is answered should not first wait behind thousands (1024 is ~20 ms of work).
+    SYN_QUEUE_MAXLEN = 1024
 
     def __init__(
         self,
@@ -304,7 +307,8 @@ class Shell:
         queues = [open_queue(self.binding, self.queue_num, self._queue_maxlen, self.fail_open, self.BATCH)]
         try:
             if self.syn_queue_num is not None:
-                queues.append(open_queue(self.binding, self.syn_queue_num, self._queue_maxlen, self.fail_open, self.BATCH))
+                queues.append(open_queue(self.binding, self.syn_queue_num, self.SYN_QUEUE_MAXLEN, self.fail_open,
+                                         self.BATCH))
         except BaseException:
             queues[0].close()
             raise
