@@ -468,6 +468,7 @@ class Engine:
         prof = self.profile(*skey)
         plan = (min(prof.window, MAX_WINDOW_FIELD), self._advertised_mss(prof), prof.sack_ok, prof.ts_ok)
         if len(self._synack_plans) >= 4096:
+            self.stats.evicted["synack_plans"] += len(self._synack_plans)
             self._synack_plans.clear()
         self._synack_plans[skey] = plan
         return plan

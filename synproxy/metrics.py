@@ -63,6 +63,7 @@ KNOWN_LABELS: dict[str, tuple[str, ...]] = {
     "synproxy_backend_handshakes": ("established", "refused", "timeout", "aborted"),
     "synproxy_ack_invalid": ("cookie",),
     "synproxy_connections_closed": ("fin", "rst", "idle"),
+    "synproxy_evictions": ("profiles", "advertised_wscale", "synack_plans", "shapes"),
 }
 
 
