@@ -205,13 +205,7 @@ class CookieMaker:
         alen = _ADDR_LEN[family]
         if len(src) != alen or len(dst) != alen:
             raise ValueError(f"IPv{family} addresses must be {alen} bytes")
-        if self._hot_start <= now < self._hot_end:
-            h = self._hot_proto.copy()
-        else:
-            h = self._current.proto(self._move_hot(now)).copy()  # ValueError for nan/inf
-        h.update(_MSG[family].pack(family, data8, src, dst, sport, dport, client_isn))
-        mac = int.from_bytes(h.digest(), "big")
-        return mac << 8 | (data8 ^ (mac >> 16))
+        return self._sign(family, data8, src, dst, sport, dport, client_isn, now)
 
     def make_for_syn(
         self,
@@ -236,6 +230,12 @@ class CookieMaker:
         else:
             code = MAX_WSCALE if wscale > MAX_WSCALE else wscale  # parsed from a byte: never < 0
         data8 = (index if index > 0 else 0) << 5 | (0x10 if sack_ok else 0) | code
+        return self._sign(family, data8, src, dst, sport, dport, client_isn, now)
+
+    def _sign(
+        self, family: int, data8: int, src: bytes, dst: bytes, sport: int, dport: int, client_isn: int, now: float
+    ) -> int:
+        """The cookie: 24 MAC bits over the tuple, the client's ISN and data8, then data8 masked by the MAC."""
         if self._hot_start <= now < self._hot_end:
             h = self._hot_proto.copy()
         else:
