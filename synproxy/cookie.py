@@ -166,19 +166,9 @@ class CookieMaker:
         RFC default; a value below the smallest entry gets the smallest, which
         every host of the family must accept anyway). wscale > 14 becomes 14.
         """
-        table = MSS_TABLES.get(family)
-        if table is None:
+        if family not in MSS_TABLES:
             raise ValueError(f"unknown address family {family!r}")
-        if mss is None:
-            mss = DEFAULT_MSS[family]
-        index = bisect_right(table, mss) - 1
-        if index < 0:
-            index = 0
-        if wscale is None:
-            code = WSCALE_NONE
-        else:
-            code = MAX_WSCALE if wscale > MAX_WSCALE else (wscale if wscale > 0 else 0)
-        return _DECODE[family][index << 5 | (0x10 if sack_ok else 0) | code]
+        return _DECODE[family][_syn_data8(family, mss, wscale, sack_ok)]
 
     def make(
         self,
@@ -223,14 +213,7 @@ class CookieMaker:
         """`make(..., encode_options(family, mss, wscale, sack_ok), now)` in one call,
         without the options object: the engine's SYN fast path. The caller vouches
         for the family (4 or 6) and the address lengths."""
-        table = MSS_TABLES[family]
-        index = bisect_right(table, DEFAULT_MSS[family] if mss is None else mss) - 1
-        if wscale is None:
-            code = WSCALE_NONE
-        else:
-            code = MAX_WSCALE if wscale > MAX_WSCALE else wscale  # parsed from a byte: never < 0
-        data8 = (index if index > 0 else 0) << 5 | (0x10 if sack_ok else 0) | code
-        return self._sign(family, data8, src, dst, sport, dport, client_isn, now)
+        return self._sign(family, _syn_data8(family, mss, wscale, sack_ok), src, dst, sport, dport, client_isn, now)
 
     def _sign(
         self, family: int, data8: int, src: bytes, dst: bytes, sport: int, dport: int, client_isn: int, now: float
@@ -310,6 +293,16 @@ class CookieMaker:
             self._hot_slot, self._hot_start, self._hot_end = slot, start, end
             self._hot_proto = self._current.proto(slot)
         return slot
+
+
+def _syn_data8(family: int, mss: int | None, wscale: int | None, sack_ok: bool) -> int:
+    """data8 of a client's SYN options, rounded to what a cookie carries (see encode_options)."""
+    index = bisect_right(MSS_TABLES[family], DEFAULT_MSS[family] if mss is None else mss) - 1
+    if wscale is None:
+        code = WSCALE_NONE
+    else:
+        code = MAX_WSCALE if wscale > MAX_WSCALE else (wscale if wscale > 0 else 0)
+    return (index if index > 0 else 0) << 5 | (0x10 if sack_ok else 0) | code
 
 
 def _data8(family: int, opts: CookieOptions) -> int:
