@@ -22,7 +22,7 @@ QUEUE = 31
 
 # Runs in the server namespace: binds the queue, handles packets as told, reports JSON.
 CONSUMER = r"""
-import json, select, socket, struct, sys, time
+import json, select, socket, sys, time
 from synproxy.shell import Binding, open_queue
 
 binding, family, want, maxlen, fail_open, action = sys.argv[1:7]
@@ -35,16 +35,9 @@ rx.setblocking(False)
 print("bound", flush=True)
 time.sleep(1.5 if action != "idle" else 4)  # let the client's datagrams queue up
 
-def udp_checksum(pkt, l3):
-    src, dst = (pkt[12:16], pkt[16:20]) if family == "4" else (pkt[8:24], pkt[24:40])
-    seg = bytearray(pkt[l3:]); seg[6:8] = b"\0\0"
-    pseudo = src + dst + struct.pack("!BBH", 0, 17, len(seg)) if family == "4" else \
-        src + dst + struct.pack("!IxxxB", len(seg), 17)
-    data = pseudo + bytes(seg) + b"\0" * (len(seg) % 2)
-    s = sum(struct.unpack("!%dH" % (len(data) // 2), data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return (~s & 0xFFFF) or 0xFFFF
+from scapy.layers.inet import IP, UDP
+from scapy.layers.inet6 import IPv6
+from scapy.packet import Raw
 
 seen, batches, handles, lengths, got = 0, [], set(), [], []
 deadline = time.time() + 10
@@ -66,9 +59,11 @@ while action != "idle" and seen < want and time.time() < deadline:
             q.verdict(handle, False)
         elif int(body[-2:]) % 2:
             q.verdict(handle, False)
-        else:  # rewrite: upper-case the payload, fix the UDP checksum
-            new = bytearray(pkt[:l3 + 8] + body.upper())
-            new[l3 + 6:l3 + 8] = struct.pack("!H", udp_checksum(bytes(new), l3))
+        else:  # rewrite: upper-case the payload; scapy recomputes lengths and checksums
+            new = (IP if family == "4" else IPv6)(pkt)
+            new[UDP].remove_payload()
+            new[UDP].add_payload(Raw(body.upper()))
+            del new[UDP].chksum
             q.verdict(handle, True, bytes(new))
     q.flush()
 time.sleep(0.5)
