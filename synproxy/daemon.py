@@ -10,7 +10,6 @@ a clean stop.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import multiprocessing
 import os
@@ -39,7 +38,6 @@ class RunOptions:
     ports: tuple[int, ...]
     queue: int = 0  # traffic queue (the first, with several workers)
     workers: int = 1
-    syn_queue: int | None = None  # None: queue + workers (what the rules use); set per worker
     worker_index: int | None = None  # serve only this worker of `workers`, unsupervised, no rules
     mode: str = "local"
     wscale: int | None = None  # None = auto
@@ -100,15 +98,20 @@ def run(opts: RunOptions) -> None:
     (fail-closed), never passed unprotected to the server.
     """
     if opts.worker_index is not None:
-        serve_queue(_worker_options(opts, opts.worker_index), install_rules=False, index=opts.worker_index)
+        serve_queue(opts, install_rules=False, index=opts.worker_index)
     elif opts.workers > 1:
         supervise(opts)
     else:
         serve_queue(opts, install_rules=opts.install_rules)
 
 
+def worker_queues(opts: RunOptions, index: int) -> tuple[int, int]:
+    """Worker `index`'s traffic and SYN queue, as the rules number them."""
+    return opts.queue + index, opts.queue + opts.workers + index
+
+
 def serve_queue(opts: RunOptions, install_rules: bool, index: int = 0) -> None:
-    """One worker: bind queue `opts.queue`, install the rules if asked, serve until stopped."""
+    """Worker `index`: bind its two queues, install the rules if asked, serve until stopped."""
     from prometheus_client import CollectorRegistry
 
     from . import rules
@@ -127,16 +130,16 @@ def serve_queue(opts: RunOptions, install_rules: bool, index: int = 0) -> None:
             engine.cookies.set_keyring(ring)
             current["ring"] = ring
 
-    syn_queue = opts.syn_queue if opts.syn_queue is not None else opts.queue + opts.workers
+    queue, syn_queue = worker_queues(opts, index)
     if opts.queue_bypass and opts.queue_binding == "netfilterqueue":
         log.warning("--queue-bypass: NetfilterQueue cannot set fail-open on a full queue; "
                     "only an unbound queue is bypassed")
-    shell = Shell(engine, opts.queue, opts.mark, on_tick=on_tick, binding=Binding(opts.queue_binding),
+    shell = Shell(engine, queue, opts.mark, on_tick=on_tick, binding=Binding(opts.queue_binding),
                   fail_open=opts.queue_bypass, syn_queue_num=syn_queue)
     addr = _metrics_addr(opts, index)
     if addr:
         registry = CollectorRegistry()
-        registry.register(SynproxyCollector(engine, shell.stats, {"traffic": opts.queue, "syn": syn_queue},
+        registry.register(SynproxyCollector(engine, shell.stats, {"traffic": queue, "syn": syn_queue},
                                             lambda now: current["ring"].age(now)))
         serve(registry, addr)
     installed: list[rules.Backend] = []
@@ -150,7 +153,7 @@ def serve_queue(opts: RunOptions, install_rules: bool, index: int = 0) -> None:
             log.info("installed %s rules (config %s)", backend.value, cfg.fingerprint)
         log.info(
             "synproxy %s serving ports %s on queue %d, SYNs on queue %d (%s mode), pid %d, key %s",
-            __version__, ",".join(map(str, opts.ports)), opts.queue, syn_queue, opts.mode, os.getpid(), keyring.key_id,
+            __version__, ",".join(map(str, opts.ports)), queue, syn_queue, opts.mode, os.getpid(), keyring.key_id,
         )
 
     try:
@@ -159,13 +162,7 @@ def serve_queue(opts: RunOptions, install_rules: bool, index: int = 0) -> None:
         for backend in installed:
             rules.remove(backend)
             log.info("removed the %s rules", backend.value)
-        log.info("queue %d stopped; %d connections were open", opts.queue, len(engine.conns))
-
-
-def _worker_options(opts: RunOptions, index: int) -> RunOptions:
-    """Worker `index` of `opts.workers`: its traffic and SYN queue, as the rules number them."""
-    return dataclasses.replace(opts, queue=opts.queue + index, syn_queue=opts.queue + opts.workers + index,
-                               workers=1, worker_index=None)
+        log.info("queue %d stopped; %d connections were open", queue, len(engine.conns))
 
 
 def _worker_main(opts: RunOptions, index: int) -> None:
@@ -183,8 +180,7 @@ def supervise(opts: RunOptions) -> None:
     stopping = False
 
     def start(i: int) -> None:
-        worker = _worker_options(opts, i)
-        proc = ctx.Process(target=_worker_main, args=(worker, i), name=f"synproxy-worker-{i}", daemon=False)
+        proc = ctx.Process(target=_worker_main, args=(opts, i), name=f"synproxy-worker-{i}", daemon=False)
         proc.start()
         procs[i] = proc
 

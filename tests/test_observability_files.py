@@ -335,8 +335,7 @@ def test_unit_command_lines_are_accepted_by_the_cli(monkeypatch: pytest.MonkeyPa
     assert res.exit_code == 0, res.output
     w = seen.pop()
     assert (w.worker_index, w.workers, w.install_rules) == (1, 2, False)
-    served = synproxy.daemon._worker_options(w, 1)
-    assert (served.queue, served.syn_queue, served.workers) == (1, 3, 1)  # what the rules below feed
+    assert synproxy.daemon.worker_queues(w, 1) == (1, 3)  # traffic and SYN queue: what the rules below feed
     assert synproxy.daemon._metrics_addr(w, 1) == "127.0.0.1:9532"
     assert str(w.key_file) == "/var/lib/synproxy/cookie.key"
     res = runner.invoke(cli.main, _argv(worker, two, "2"), env={**clean, **_unit_env("synproxy@.service", "2")})
