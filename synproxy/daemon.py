@@ -21,9 +21,10 @@ from pathlib import Path
 
 from . import __version__
 from .cookie import CookieMaker
-from .engine import MAX_PACKET, Engine, EngineConfig
+from .engine import Engine, EngineConfig
 from .keys import KeyFileWatcher, KeyRing, load_or_create
 from .limits import LimitsConfig
+from .shell import Binding
 
 log = logging.getLogger("synproxy")
 
@@ -63,8 +64,7 @@ def build_engine(opts: RunOptions, keyring: KeyRing) -> Engine:
         idle_timeout=opts.idle_timeout,
         ts_base=secrets.randbits(32),
         limits=opts.limits,
-        # NetfilterQueue copies 4016 bytes of a packet; the netlink binding whole packets.
-        max_packet=4016 if opts.queue_binding == "netfilterqueue" else MAX_PACKET,
+        max_packet=Binding(opts.queue_binding).copy_range,
     )
     return Engine(cfg, CookieMaker(keyring))
 
@@ -116,7 +116,7 @@ def serve_queue(opts: RunOptions, install_rules: bool, index: int = 0) -> None:
 
     from . import rules
     from .metrics import SynproxyCollector, serve
-    from .shell import Binding, Shell
+    from .shell import Shell
 
     keyring = load_or_create(opts.key_file, time.time())
     engine = build_engine(opts, keyring)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 from .engine import Accept, Action, Drop, Engine, Send
-from .nfqueue import NfQueue, QueueConfig
+from .nfqueue import MAX_COPY_RANGE, NfQueue, QueueConfig
 
 log = logging.getLogger("synproxy")
 
@@ -97,6 +97,11 @@ class Binding(enum.Enum):
 
     NETLINK = "netlink"  # synproxy.nfqueue: batched reads and verdicts, fail-open flag, 64 KiB copies
     NETFILTERQUEUE = "netfilterqueue"  # the NetfilterQueue package: one call per packet (fallback)
+
+    @property
+    def copy_range(self) -> int:
+        """The longest packet this binding hands over whole (the engine caps every MSS to fit)."""
+        return MAX_COPY_RANGE if self is Binding.NETLINK else NFQ_COPY_RANGE
 
 
 class QueueReader(Protocol):
