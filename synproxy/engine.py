@@ -388,8 +388,9 @@ class Engine:
         on a tuple without state is answered from the peeked fields and what
         P.scan_options reads, without a Packet, at well under half the general
         path's cost, which bounds how many SYNs per second one core can answer.
-        `_answer_syn` and `_validate` remain the reference: tests/test_synpath.py
-        checks that both paths give the same bytes and counts.
+        A SYN is answered by `_synack_for` on either path (only how its options
+        are read differs); for ACKs `_validate` remains the reference.
+        tests/test_synpath.py checks that both paths give the same bytes and counts.
 
         Everything else (state on the tuple, a SYN with data such as TCP Fast
         Open, malformed options, other flags, the server's packets) gets its
@@ -406,7 +407,7 @@ class Engine:
                 if kind == SYN:
                     opts = P.scan_options(data, opt_start, opt_end) if opt_end == len(data) else None
                     if opts is not None:
-                        return self._fast_synack(family, src, dst, sport, dport, seq, opts, now)
+                        return self._synack_for(family, src, dst, sport, dport, seq, opts, now)
                 elif kind == ACK and P.scan_options(data, opt_start, opt_end) is not None:
                     client_isn = (seq - 1) & U32
                     match = self.cookies.check(family, src, dst, sport, dport, client_isn, (ack - 1) & U32, now)
@@ -432,11 +433,14 @@ class Engine:
         self.stats.malformed[err.reason] += 1
         return [Drop("malformed")]
 
-    def _fast_synack(
+    def _synack_for(
         self, family: int, src: bytes, dst: bytes, sport: int, dport: int, seq: int,
         opts: P.SynOptions, now: float,
     ) -> list[Action]:
-        """`_answer_syn` for the fields of a SYN rather than a Packet."""
+        """The answer to a SYN, from its fields: rate limit, cookie, SYN-ACK, no state.
+
+        Both paths end here: the flood fast path with what P.scan_options read, and
+        `_answer_syn` with a parsed Packet's options (a SYN with data, say)."""
         mss, wscale, sack_ok, tsval = opts
         stats = self.stats
         stats.syn_received += 1
@@ -463,7 +467,7 @@ class Engine:
         return [_SYN_ANSWERED, Send(family, src, synack, Direction.FROM_SERVER, "synack")]
 
     def _synack_plan(self, skey: ServerKey) -> SynAckPlan:
-        """What `_answer_syn` takes from the server's profile, cached until it changes
+        """What a SYN-ACK takes from the server's profile, cached until it changes
         (learn_profile). The cache is bounded: SYNs may name any server address."""
         prof = self.profile(*skey)
         plan = (min(prof.window, MAX_WINDOW_FIELD), self._advertised_mss(prof), prof.sack_ok, prof.ts_ok)
@@ -615,29 +619,12 @@ class Engine:
         return self._validate(pkt, key, old, now)
 
     def _answer_syn(self, pkt: Packet, now: float) -> list[Action]:
-        """A SYN gets a SYN-ACK with a cookie ISN and no state at all."""
-        self.stats.syn_received += 1
-        shed = self.limits.check_syn(self.limits.source_key(pkt.family, pkt.src), now)
-        if shed is not None:
-            self.stats.shed[shed.value] += 1
-            return [_SHED_DROPS[shed]]
-        opts = pkt.options
-        skey: ServerKey = (pkt.family, pkt.dst, pkt.dport)
-        prof = self.profile(*skey)
-        sack = opts.sack_ok and prof.sack_ok
-        c_opts = self.cookies.encode_options(pkt.family, opts.mss, opts.wscale, sack)
-        cookie = self.cookies.make(pkt.family, pkt.src, pkt.dst, pkt.sport, pkt.dport, pkt.seq, c_opts, now)
-        reply = TcpOptions(mss=self._advertised_mss(prof), sack_ok=sack)
-        if opts.wscale is not None:
-            reply.wscale = self._wscale_for_slot(skey, self.cookies.slot(now))
-        if opts.ts is not None and prof.ts_ok:
-            reply.ts = (self._ts_clock(now), opts.ts[0])
-        synack = P.build(
-            pkt.family, pkt.dst, pkt.src, pkt.dport, pkt.sport,
-            cookie, pkt.seq + 1, SYN | ACK, min(prof.window, MAX_WINDOW_FIELD), reply,
+        """A SYN gets a SYN-ACK with a cookie ISN and no state at all (see `_synack_for`)."""
+        o = pkt.options
+        return self._synack_for(
+            pkt.family, pkt.src, pkt.dst, pkt.sport, pkt.dport, pkt.seq,
+            (o.mss, o.wscale, o.sack_ok, o.ts[0] if o.ts is not None else None), now,
         )
-        self.stats.synack_sent += 1
-        return [_SYN_ANSWERED, Send(pkt.family, pkt.src, synack, Direction.FROM_SERVER, "synack")]
 
     def _validate(self, pkt: Packet, key: ConnKey, old: ClosingConn | None, now: float) -> list[Action]:
         """An ACK (or data) without state must carry a cookie for exactly seq-1."""
