@@ -122,6 +122,7 @@ class NfQueue:
             # A full socket buffer drops packets (counted in /proc); it must not fail recv.
             self.sock.setsockopt(SOL_NETLINK, NETLINK_NO_ENOBUFS, 1)
             self._seq = 0
+            self._res_id = socket.htons(config.queue_num)  # nfgenmsg's big-endian queue number
             self._configure(config)
         except BaseException:
             self.sock.close()
@@ -144,7 +145,6 @@ class NfQueue:
         self._lens = [struct.Struct("=" + f"{at}xI{stride - at - 4}x" * k) for k in range(n + 1)]
         self._payload_at = 0
         self._fd = self.sock.fileno()
-        self._res_id = socket.htons(config.queue_num)
         self._pending: list[bytes] = []  # verdict messages other than plain drops
         self._drops: list[int] = []  # handles to drop
         self._unanswered = 0  # packets received and not yet given a verdict in a write
@@ -158,7 +158,7 @@ class NfQueue:
         self._seq += 1
         msg = _NLMSG.pack(16 + 4 + len(body), (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_CONFIG,
                           NLM_F_REQUEST | NLM_F_ACK | flags, self._seq, 0)
-        msg += _NFGEN.pack(socket.AF_UNSPEC, 0, socket.htons(self.config.queue_num)) + body
+        msg += _NFGEN.pack(socket.AF_UNSPEC, 0, self._res_id) + body
         self.sock.send(msg)
         while True:
             data = self.sock.recv(65536)
@@ -174,9 +174,7 @@ class NfQueue:
                     # A packet queued while we configure (the rules were already in place):
                     # it must not wait forever without a verdict; fail closed.
                     handle = _HEAD.unpack_from(data, off)[2]
-                    self.sock.send(_VERDICT.pack(
-                        _VERDICT_LEN, _VERDICT_TYPE, NLM_F_REQUEST, 0, 0, socket.AF_UNSPEC, 0,
-                        socket.htons(self.config.queue_num), 12, NFQA_VERDICT_HDR, _NF_DROP_BE, handle))
+                    self.sock.send(_verdict_message(self._res_id, _VERDICT_TYPE, _NF_DROP_BE, handle))
                 off += (length + 3) & ~3 or len(data)
 
     def _configure(self, c: QueueConfig) -> None:
@@ -257,16 +255,7 @@ class NfQueue:
         if not accept:
             self._drops.append(packet_id)
             return
-        if payload is None:
-            self._pending.append(_VERDICT.pack(
-                _VERDICT_LEN, _VERDICT_TYPE, NLM_F_REQUEST, 0, 0, socket.AF_UNSPEC, 0, self._res_id,
-                12, NFQA_VERDICT_HDR, _NF_ACCEPT_BE if accept else _NF_DROP_BE, packet_id))
-            return
-        pad = -len(payload) & 3
-        self._pending.append(_VERDICT.pack(
-            _VERDICT_LEN + 4 + len(payload) + pad, _VERDICT_TYPE, NLM_F_REQUEST, 0, 0, socket.AF_UNSPEC, 0,
-            self._res_id, 12, NFQA_VERDICT_HDR, _NF_ACCEPT_BE if accept else _NF_DROP_BE, packet_id)
-            + _NLATTR.pack(4 + len(payload), NFQA_PAYLOAD) + payload + b"\0" * pad)
+        self._pending.append(_verdict_message(self._res_id, _VERDICT_TYPE, _NF_ACCEPT_BE, packet_id, payload))
 
     def flush(self) -> None:
         """Send the verdicts queued since the last flush (as few writes as fit the socket).
@@ -282,13 +271,10 @@ class NfQueue:
         answered = len(pending) + len(drops)
         self._pending, self._drops = [], []
         if len(drops) > 1 and answered == self._unanswered:
-            pending.append(_VERDICT.pack(
-                _VERDICT_LEN, _BATCH_TYPE, NLM_F_REQUEST, 0, 0, socket.AF_UNSPEC, 0, self._res_id,
-                12, NFQA_VERDICT_HDR, _NF_DROP_BE, self._last_received))
+            pending.append(_verdict_message(self._res_id, _BATCH_TYPE, _NF_DROP_BE, self._last_received))
         else:
-            pack, res_id = _VERDICT.pack, self._res_id
-            pending.extend(pack(_VERDICT_LEN, _VERDICT_TYPE, NLM_F_REQUEST, 0, 0, socket.AF_UNSPEC, 0, res_id,
-                                12, NFQA_VERDICT_HDR, _NF_DROP_BE, handle) for handle in drops)
+            res_id = self._res_id
+            pending.extend(_verdict_message(res_id, _VERDICT_TYPE, _NF_DROP_BE, handle) for handle in drops)
         self._unanswered -= answered
         chunk: list[bytes] = []
         size = 0
@@ -315,6 +301,17 @@ class NfQueue:
         except OSError:
             pass
         self.sock.close()
+
+
+def _verdict_message(res_id: int, mtype: int, verdict_be: int, handle: int, payload: bytes | None = None) -> bytes:
+    """One NFQNL_MSG_VERDICT(_BATCH) message, with a replacement packet if `payload` is given."""
+    if payload is None:
+        return _VERDICT.pack(_VERDICT_LEN, mtype, NLM_F_REQUEST, 0, 0, socket.AF_UNSPEC, 0, res_id,
+                             12, NFQA_VERDICT_HDR, verdict_be, handle)
+    pad = -len(payload) & 3
+    return (_VERDICT.pack(_VERDICT_LEN + 4 + len(payload) + pad, mtype, NLM_F_REQUEST, 0, 0, socket.AF_UNSPEC, 0,
+                          res_id, 12, NFQA_VERDICT_HDR, verdict_be, handle)
+            + _NLATTR.pack(4 + len(payload), NFQA_PAYLOAD) + payload + b"\0" * pad)
 
 
 def _nlattr(atype: int, value: bytes) -> bytes:
