@@ -73,25 +73,27 @@ class QueueError(OSError):
     """The kernel refused to bind or configure the queue."""
 
 
-class _Iovec(ctypes.Structure):
+class Iovec(ctypes.Structure):
+    """struct iovec (shared with rawsend's sendmmsg)."""
+
     _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
 
 
-class _Msghdr(ctypes.Structure):
+class Msghdr(ctypes.Structure):
     _fields_ = [
-        ("name", ctypes.c_void_p), ("namelen", ctypes.c_uint32), ("iov", ctypes.POINTER(_Iovec)),
+        ("name", ctypes.c_void_p), ("namelen", ctypes.c_uint32), ("iov", ctypes.POINTER(Iovec)),
         ("iovlen", ctypes.c_size_t), ("control", ctypes.c_void_p), ("controllen", ctypes.c_size_t),
         ("flags", ctypes.c_int),
     ]
 
 
-class _Mmsghdr(ctypes.Structure):
-    _fields_ = [("hdr", _Msghdr), ("len", ctypes.c_uint)]
+class Mmsghdr(ctypes.Structure):
+    _fields_ = [("hdr", Msghdr), ("len", ctypes.c_uint)]
 
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_recvmmsg = _libc.recvmmsg
-_recvmmsg.argtypes = [ctypes.c_int, ctypes.POINTER(_Mmsghdr), ctypes.c_uint, ctypes.c_int, ctypes.c_void_p]
+libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_recvmmsg = libc.recvmmsg
+_recvmmsg.argtypes = [ctypes.c_int, ctypes.POINTER(Mmsghdr), ctypes.c_uint, ctypes.c_int, ctypes.c_void_p]
 _recvmmsg.restype = ctypes.c_int
 
 
@@ -131,8 +133,8 @@ class NfQueue:
         n = config.batch
         self._buf = ctypes.create_string_buffer(self._slot * n)
         self._view = memoryview(self._buf).cast("B")
-        self._iov = (_Iovec * n)()
-        self._msgs = (_Mmsghdr * n)()
+        self._iov = (Iovec * n)()
+        self._msgs = (Mmsghdr * n)()
         base = ctypes.addressof(self._buf)
         for i in range(n):
             self._iov[i].base = base + i * self._slot
@@ -141,7 +143,7 @@ class NfQueue:
             self._msgs[i].hdr.iovlen = 1
         self._msgview = memoryview(self._msgs).cast("B")
         # One unpack reads every message length out of the mmsghdr array.
-        stride, at = ctypes.sizeof(_Mmsghdr), _Mmsghdr.len.offset
+        stride, at = ctypes.sizeof(Mmsghdr), Mmsghdr.len.offset
         self._lens = [struct.Struct("=" + f"{at}xI{stride - at - 4}x" * k) for k in range(n + 1)]
         self._payload_at = 0
         self._fd = self.sock.fileno()

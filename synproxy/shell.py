@@ -2,15 +2,15 @@
 
 It holds no protocol logic: it reads the clock, hands each queued packet to the
 engine, carries out the actions it returns and calls the engine's timers.
-Packets come in batches (one system call for up to 64) and their verdicts go
-out together after the batch, so a flood costs few system calls per packet.
+Packets come in batches (one system call for up to 64); their verdicts, and the
+packets the engine made for them (rawsend, sendmmsg), go out together after the
+batch, so a flood costs few system calls per packet.
 """
 
 from __future__ import annotations
 
 import bisect
 import enum
-import errno
 import logging
 import select
 import signal
@@ -20,8 +20,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-from .engine import Accept, Action, Drop, Engine, Send
+from .engine import Drop, Engine, Send
 from .nfqueue import MAX_COPY_RANGE, NfQueue, QueueConfig
+from .rawsend import RawSender, SenderError
 
 log = logging.getLogger("synproxy")
 
@@ -58,38 +59,6 @@ class LatencyHistogram:
         """Record `count` packets that took `seconds` each (a batch's mean)."""
         self.counts[bisect.bisect_left(self.BOUNDS, seconds)] += count
         self.total += seconds * count
-
-
-_ntoa = socket.inet_ntoa
-
-
-class RawSender:
-    """Sends the packets the engine builds, marked so the rules let them pass."""
-
-    def __init__(self, mark: int) -> None:
-        try:
-            self.v4 = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
-            self.v6 = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)
-        except PermissionError as err:
-            raise ShellError("raw sockets need CAP_NET_RAW: run as root or grant the capability") from err
-        for sock in (self.v4, self.v6):
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
-            except PermissionError as err:
-                raise ShellError("setting the packet mark needs CAP_NET_ADMIN") from err
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-            sock.setblocking(False)
-        self._sendto4, self._sendto6 = self.v4.sendto, self.v6.sendto
-
-    def send(self, action: Send) -> None:
-        if action.family == 4:
-            self._sendto4(action.data, (_ntoa(action.dst), 0))
-        else:
-            self._sendto6(action.data, (socket.inet_ntop(socket.AF_INET6, action.dst), 0, 0, 0))
-
-    def close(self) -> None:
-        self.v4.close()
-        self.v6.close()
 
 
 class Binding(enum.Enum):
@@ -201,7 +170,10 @@ class Shell:
         self.clock = clock
         self.on_tick = on_tick  # once a second or so: key reloads, gauges
         self.stats = ShellStats()
-        self.sender = RawSender(mark)
+        try:
+            self.sender = RawSender(mark, self.stats.sent, self.stats.send_errors)
+        except SenderError as err:
+            raise ShellError(str(err)) from err
         self.binding = binding
         self.fail_open = fail_open
         self._stop = False
@@ -212,22 +184,18 @@ class Shell:
     def stop(self, *_: Any) -> None:
         self._stop = True
 
-    def _send(self, action: Send) -> None:
-        try:
-            self.sender.send(action)
-            self.stats.sent[action.kind] += 1
-        except OSError as err:
-            self.stats.send_errors[errno.errorcode.get(err.errno or 0, "unknown")] += 1
-
     def _handle_batch(self, queue: QueueReader, batch: list[tuple[Any, bytes]]) -> None:
-        """Run the engine over a batch; verdicts leave together at the end.
+        """Run the engine over a batch; its sends and verdicts leave together at the end.
 
-        An accepted packet must not be overtaken by a packet the proxy sends for a
-        later one, so pending verdicts go out first whenever an accept is among them.
+        Packets leave in the order the engine made them: the sends made for a packet
+        and for earlier ones go out before its accept verdict, and an accepted packet
+        is never overtaken by a send made for a later one. A SYN flood's batch (all
+        drops and SYN-ACKs) is one sendmmsg and one batch verdict.
         """
         start = time.perf_counter()
         now = self.clock()
-        engine, send = self.engine, self._send
+        engine, sender = self.engine, self.sender
+        send = sender.send
         accepts_pending = False
         for handle, data in batch:
             try:
@@ -240,15 +208,19 @@ class Shell:
             verdict = actions[0]  # the engine's first action is the verdict, the rest are Sends
             if len(actions) > 1:
                 if accepts_pending:
+                    sender.flush()
                     queue.flush()
                     accepts_pending = False
                 for action in actions[1:]:
-                    send(action)  # type: ignore[arg-type]
+                    send(action.family, action.dst, action.data, action.kind)  # type: ignore[union-attr]
             if type(verdict) is Drop:
                 queue.verdict(handle, False)
             else:
+                if sender.pending:
+                    sender.flush()  # a binding may hand the verdict over at once
                 queue.verdict(handle, True, verdict.payload)  # type: ignore[union-attr]
                 accepts_pending = True
+        sender.flush()
         queue.flush()
         self.stats.packets += len(batch)
         self.stats.handling.observe((time.perf_counter() - start) / len(batch), len(batch))
@@ -259,7 +231,8 @@ class Shell:
         if deadline is not None and deadline <= now:
             for action in self.engine.handle_timer(now):
                 if isinstance(action, Send):
-                    self._send(action)
+                    self.sender.send(action.family, action.dst, action.data, action.kind)
+            self.sender.flush()
             deadline = self.engine.next_deadline()
         if now >= self._next_tick:
             self._next_tick = now + 1.0
