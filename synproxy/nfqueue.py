@@ -259,16 +259,28 @@ class NfQueue:
             return
         self._pending.append(_verdict_message(self._res_id, _VERDICT_TYPE, _NF_ACCEPT_BE, packet_id, payload))
 
-    def flush(self) -> None:
+    DROPS_MAY_WAIT = 64  # plain drops held back for one write (flush(drops_may_wait=True))
+
+    @property
+    def drops_waiting(self) -> int:
+        """Drop verdicts held back by `flush(drops_may_wait=True)`."""
+        return len(self._drops)
+
+    def flush(self, drops_may_wait: bool = False) -> None:
         """Send the verdicts queued since the last flush (as few writes as fit the socket).
 
         When every packet received so far gets its verdict in this write and all but
         the accepted ones (which go first) are dropped, one batch verdict drops them
         all: the kernel drops every queued packet up to the newest id (a SYN flood's
         batches are all drops).
+
+        With `drops_may_wait`, plain drops stay held while no accept is pending and
+        fewer than DROPS_MAY_WAIT wait: a drop's verdict can be late without harm (the
+        packet only keeps its queue slot), and one write then drops many. The caller
+        must flush without it soon after (the shell does within Shell.DROP_DELAY).
         """
         pending, drops = self._pending, self._drops
-        if not pending and not drops:
+        if not pending and (not drops or (drops_may_wait and len(drops) < self.DROPS_MAY_WAIT)):
             return
         answered = len(pending) + len(drops)
         self._pending, self._drops = [], []

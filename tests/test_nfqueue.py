@@ -55,7 +55,7 @@ while action != "idle" and seen < want and time.time() < deadline:
         body = pkt[l3 + 8:]
         if action == "pass":
             q.verdict(handle, True)
-        elif action == "drop":
+        elif action in ("drop", "drop-later"):
             q.verdict(handle, False)
         elif int(body[-2:]) % 2:
             q.verdict(handle, False)
@@ -65,17 +65,22 @@ while action != "idle" and seen < want and time.time() < deadline:
             new[UDP].add_payload(Raw(body.upper()))
             del new[UDP].chksum
             q.verdict(handle, True, bytes(new))
-    q.flush()
+    q.flush(drops_may_wait=action == "drop-later")
 time.sleep(0.5)
-waiting = [int(line.split()[2]) for line in open("/proc/net/netfilter/nfnetlink_queue")
-           if line.split()[0] == "31"]
+def queued():
+    return [int(line.split()[2]) for line in open("/proc/net/netfilter/nfnetlink_queue") if line.split()[0] == "31"]
+held = queued()
+if action == "drop-later":
+    q.flush()
+    time.sleep(0.2)
+waiting = queued()
 while True:
     try:
         got.append(rx.recv(65536).decode(errors="replace")[:40])
     except BlockingIOError:
         break
 q.close()
-print(json.dumps({"seen": seen, "waiting": waiting, "batches": batches, "distinct": len(handles), "lengths": lengths,
+print(json.dumps({"seen": seen, "held": held, "waiting": waiting, "batches": batches, "distinct": len(handles), "lengths": lengths,
                   "got": got}), flush=True)
 """
 
@@ -136,6 +141,14 @@ def test_netlink_drops_whole_batches(lab: Lab) -> None:
     """Batches of drops go out as one batch verdict: nothing is delivered, nothing is left queued."""
     res = consume(lab, "netlink", 4, 150, action="drop")
     assert res["seen"] == 150 and res["got"] == []
+    assert res["waiting"] == [0]
+
+
+def test_netlink_drops_may_wait_for_one_write(lab: Lab) -> None:
+    """Held drop verdicts keep their packets queued (fewer than 64) until a plain flush drops them all."""
+    res = consume(lab, "netlink", 4, 40, action="drop-later")
+    assert res["seen"] == 40 and res["got"] == []
+    assert res["held"] == [40]  # nothing written yet: all 40 still queued
     assert res["waiting"] == [0]
 
 

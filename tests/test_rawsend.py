@@ -111,7 +111,7 @@ class _BatchedQueue:
     def verdict(self, handle: Any, accept: bool, payload: bytes | None = None) -> None:
         self.queued.append(f"{'accept' if accept else 'drop'} {handle}")
 
-    def flush(self) -> None:
+    def flush(self, drops_may_wait: bool = False) -> None:
         self.wire.out.extend(self.queued)
         self.queued = []
 
