@@ -38,8 +38,9 @@ class _Batch:
 
     SLOT = 256  # bytes per packet: a SYN-ACK, RST or ACK is at most 100; data segments go alone
 
-    def __init__(self, sock: socket.socket, family: int, size: int) -> None:
+    def __init__(self, sock: socket.socket, family: int, size: int, sent: Counter[str], errors: Counter[str]) -> None:
         self.sock, self.fd, self.family, self.size = sock, sock.fileno(), family, size
+        self.sent, self.errors = sent, errors  # the sender's counters, shared by both families
         if family == 4:
             namelen, self._addr_at, alen = 16, 4, 4
             name = struct.pack("=HH4s8x", socket.AF_INET, 0, b"")
@@ -64,12 +65,12 @@ class _Batch:
         self._iview = memoryview(self._iov).cast("B")
         self.kinds: list[str] = []  # what each pending slot holds (counted when sent)
 
-    def add(self, dst: bytes, data: bytes, kind: str, sent: Counter[str], errors: Counter[str]) -> None:
+    def add(self, dst: bytes, data: bytes, kind: str) -> None:
         n = len(self.kinds)
         size = len(data)
         if size > self.SLOT:  # in order: what is pending first, then this one alone
-            self.flush(sent, errors)
-            self._sendto(dst, data, kind, sent, errors)
+            self.flush()
+            self._sendto(dst, data, kind)
             return
         at = n * self.SLOT
         self._dview[at:at + size] = data
@@ -78,10 +79,10 @@ class _Batch:
         self._nview[at:at + self._alen] = dst
         self.kinds.append(kind)
         if n + 1 == self.size:
-            self.flush(sent, errors)
+            self.flush()
 
-    def flush(self, sent: Counter[str], errors: Counter[str]) -> None:
-        kinds = self.kinds
+    def flush(self) -> None:
+        kinds, sent, errors = self.kinds, self.sent, self.errors
         n = len(kinds)
         done = 0
         while done < n:
@@ -98,16 +99,16 @@ class _Batch:
             done += 1
         kinds.clear()
 
-    def _sendto(self, dst: bytes, data: bytes, kind: str, sent: Counter[str], errors: Counter[str]) -> None:
+    def _sendto(self, dst: bytes, data: bytes, kind: str) -> None:
         if self.family == 4:
             addr: tuple[str, int] | tuple[str, int, int, int] = (socket.inet_ntoa(dst), 0)
         else:
             addr = (socket.inet_ntop(socket.AF_INET6, dst), 0, 0, 0)
         try:
             self.sock.sendto(data, addr)
-            sent[kind] += 1
+            self.sent[kind] += 1
         except OSError as err:
-            errors[errno.errorcode.get(err.errno or 0, "unknown")] += 1
+            self.errors[errno.errorcode.get(err.errno or 0, "unknown")] += 1
 
 
 class RawSender:
@@ -134,21 +135,25 @@ class RawSender:
                 raise SenderError("setting the packet mark needs CAP_NET_ADMIN") from err
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
             sock.setblocking(False)
-        self._batches = {4: _Batch(self.v4, 4, self.BATCH), 6: _Batch(self.v6, 6, self.BATCH)}
-        self.pending = 0  # packets queued since the last flush() (a full batch may have left already)
+        self._batches = {family: _Batch(sock, family, self.BATCH, self.sent, self.errors)
+                         for family, sock in ((4, self.v4), (6, self.v6))}
+        self._all = tuple(self._batches.values())
+
+    @property
+    def pending(self) -> bool:
+        """Whether packets are queued that have not left yet."""
+        v4, v6 = self._all
+        return bool(v4.kinds or v6.kinds)
 
     def send(self, family: int, dst: bytes, data: bytes, kind: str) -> None:
         """Queue one IP packet to `dst` (its header's destination, 4 or 16 bytes)."""
-        self._batches[family].add(dst, data, kind, self.sent, self.errors)
-        self.pending += 1
+        self._batches[family].add(dst, data, kind)
 
     def flush(self) -> None:
         """Send everything queued (IPv4 first, then IPv6: order across families does not matter)."""
-        if self.pending:
-            for batch in self._batches.values():
-                if batch.kinds:
-                    batch.flush(self.sent, self.errors)
-            self.pending = 0
+        for batch in self._all:
+            if batch.kinds:
+                batch.flush()
 
     def close(self) -> None:
         self.v4.close()

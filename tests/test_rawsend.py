@@ -90,16 +90,19 @@ class _Wire:
 
 class _Sender:
     def __init__(self, wire: _Wire) -> None:
-        self.wire, self.queued, self.pending = wire, [], 0
+        self.wire, self.queued = wire, []
         self.sent: Counter[str] = Counter()
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.queued)
 
     def send(self, family: int, dst: bytes, data: bytes, kind: str) -> None:
         self.queued.append(data.decode())
-        self.pending += 1
 
     def flush(self) -> None:
         self.wire.out.extend(self.queued)
-        self.queued, self.pending = [], 0
+        self.queued = []
 
 
 class _BatchedQueue:
