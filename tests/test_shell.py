@@ -1,0 +1,115 @@
+"""The shell's loop without a kernel: how many packets it asks each queue for.
+
+The SYN queue is read in rounds of Shell.SYN_BATCH while traffic waits and of
+Shell.SYN_BATCH_IDLE while the traffic queue is empty (fewer rounds, so fewer
+system calls per SYN under a flood).
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from synproxy.engine import Drop
+from synproxy.shell import Shell, ShellStats
+
+
+class _Queue:
+    """A queue whose fd is readable while it holds packets; records every read size."""
+
+    def __init__(self, name: str, packets: int, reads: list[tuple[str, int]]) -> None:
+        self.name, self.left, self.reads = name, packets, reads
+        self._r, self._w = socket.socketpair()
+        self._signal()
+
+    def _signal(self) -> None:
+        self._r.setblocking(False)
+        try:
+            while self._r.recv(64):
+                pass
+        except BlockingIOError:
+            pass
+        if self.left:
+            self._w.send(b"x")
+
+    def fileno(self) -> int:
+        return self._r.fileno()
+
+    def receive(self, limit: int = 0) -> list[tuple[Any, bytes]]:
+        self.reads.append((self.name, limit))
+        n = min(limit, self.left)
+        self.left -= n
+        self._signal()
+        return [(i, b"pkt") for i in range(n)]
+
+    def verdict(self, handle: Any, accept: bool, payload: bytes | None = None) -> None:
+        pass
+
+    def flush(self, drops_may_wait: bool = False) -> None:
+        pass
+
+    @property
+    def drops_waiting(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        self._r.close()
+        self._w.close()
+
+
+class _Sender:
+    pending = False
+
+    def send(self, family: int, dst: bytes, data: bytes, kind: str) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+
+class _Engine:
+    """Drops everything; stops the shell once both queues are empty."""
+
+    def __init__(self, shell: Shell, queues: list[_Queue]) -> None:
+        self.shell, self.queues = shell, queues
+
+    def handle_raw(self, data: bytes, now: float) -> list[Any]:
+        if not any(q.left for q in self.queues):
+            self.shell.stop()
+            self.queues[0]._w.send(b"x")  # so the loop's last poll returns at once
+        return [Drop("x")]
+
+    def next_deadline(self) -> None:
+        return None
+
+
+def _run(traffic: int, syns: int) -> list[tuple[str, int]]:
+    reads: list[tuple[str, int]] = []
+    queues = [_Queue("traffic", traffic, reads), _Queue("syn", syns, reads)]
+    shell = Shell.__new__(Shell)  # no kernel queues or sockets: the loop alone
+    shell.engine = _Engine(shell, queues)  # type: ignore[assignment]
+    shell.sender, shell.stats, shell.clock = _Sender(), ShellStats(), lambda: 0.0  # type: ignore[assignment]
+    shell.on_tick, shell._stop, shell._next_tick, shell._service_due = None, False, 0.0, 0.0
+    try:
+        shell._serve(queues)  # type: ignore[arg-type]
+    finally:
+        for q in queues:
+            q.close()
+    return reads
+
+
+def test_syns_are_read_in_large_rounds_while_no_traffic_waits() -> None:
+    reads = _run(traffic=0, syns=3 * Shell.SYN_BATCH_IDLE + 5)
+    assert [n for q, n in reads if q == "syn"] == [Shell.SYN_BATCH_IDLE] * 4
+    assert reads[0] == ("traffic", Shell.BATCH)  # traffic is looked at first, found empty
+
+
+def test_syns_are_read_in_small_rounds_while_traffic_waits() -> None:
+    # Traffic for three full rounds (TRAFFIC_BATCHES batches each): the SYN queue gets
+    # small rounds meanwhile, and large ones once the traffic queue is empty.
+    traffic = 3 * Shell.TRAFFIC_BATCHES * Shell.BATCH
+    reads = _run(traffic=traffic, syns=10 * Shell.SYN_BATCH)
+    syn_reads = [n for q, n in reads if q == "syn"]
+    assert syn_reads[:3] == [Shell.SYN_BATCH] * 3
+    assert set(syn_reads[3:]) == {Shell.SYN_BATCH_IDLE}
+    assert sum(n for q, n in reads if q == "traffic") >= traffic
