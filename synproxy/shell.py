@@ -154,10 +154,10 @@ class Shell:
     BATCH = 64  # packets per read (recvmmsg) from the traffic queue
     TRAFFIC_BATCHES = 8  # traffic batches per round, at most
     SYN_BATCH = 16  # SYNs per round while traffic is waiting: ~0.2 ms of work, the most it waits for them
-    # SYNs per round while the traffic queue is empty. Each round costs system calls of its
-    # own (read, send, poll), and on this kind of VM the code after a system call runs slower
-    # for a while: under a full flood, rounds of 64 answered 14% more SYNs per core than
-    # rounds of 16. Traffic that arrives meanwhile waits for up to one such round (~0.7 ms).
+    # SYNs per round while the traffic queue is empty. Each round has costs of its own (read,
+    # send and poll system calls, the loop around them): under a full flood on this VM, rounds
+    # of 64 answered 10-14% more SYNs per core than rounds of 16. Traffic that arrives
+    # meanwhile waits for up to one such round (~0.7 ms).
     SYN_BATCH_IDLE = 64
     # A short SYN queue: beyond capacity the kernel drops the excess either way, and a SYN
     # that is answered should not first wait behind thousands (1024 is ~20 ms of work).
