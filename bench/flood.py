@@ -11,6 +11,10 @@ every 20 ms (3 s timeout each; ~350 per row, so p99 is not just the second-slowe
   p50/p99     their connect latency
   CPU         synproxy: its processes' CPU time / wall time; kernel defences: softirq time
   per core    SYN-ACK/s divided by that CPU share: what one fully used core would answer
+  sirq        softirq time / wall time on the whole machine, for every defence: receiving the
+              flood (for synproxy up to the queue) and delivering the SYN-ACKs in the lab
+  all/core    SYN-ACK/s divided by CPU + sirq for synproxy (its processes and the kernel work the
+              flood causes), by sirq for the kernel's defences: the whole machine's cost
   RSS         synproxy's resident memory
 Defences: unprotected (SYN cookies off, backlog 128), kernel syncookies (on, backlog 128),
 kernel SYNPROXY (iptables SYNPROXY target), synproxy with 1 and 2 workers.
@@ -49,7 +53,8 @@ class Row:
     attempts: int = 0
     p50: float | None = None
     p99: float | None = None
-    cpu: float = 0.0
+    cpu: float = 0.0  # % of a core: synproxy's processes, or softirq for the kernel's defences
+    softirq: float = 0.0  # % of a core in softirq on the whole machine, for every defence
     rss_mb: float | None = None
 
 
@@ -155,11 +160,12 @@ def measure(defence: str, rate: str, seconds: float) -> Row:
         wall = time.monotonic() - t0
         row.offered = (_counter(lab, "raw", "PREROUTING", []) - off0) / wall
         row.synacks = (_counter(lab, "mangle", "POSTROUTING", []) - sa0) / wall
+        row.softirq = 100 * (_softirq() - soft0) / wall
         if pids:
             row.cpu = 100 * (_proc_cpu(pids) - cpu0) / wall
             row.rss_mb = _rss_mb(pids)
         else:
-            row.cpu = 100 * (_softirq() - soft0) / wall
+            row.cpu = row.softirq
         results = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
         lat = sorted(r["connect_ms"] for r in results if r["ok"])
         row.attempts, row.ok = len(results), len(lat)
@@ -171,15 +177,18 @@ def measure(defence: str, rate: str, seconds: float) -> Row:
 
 def table(rows: list[Row]) -> str:
     head = f"{'defence':20s} {'flood':>7s} {'offered/s':>10s} {'SYN-ACK/s':>10s} {'legit ok':>14s} " \
-           f"{'p50 ms':>8s} {'p99 ms':>8s} {'CPU %':>6s} {'per core':>9s} {'RSS MB':>7s}"
+           f"{'p50 ms':>8s} {'p99 ms':>8s} {'CPU %':>6s} {'per core':>9s} {'sirq %':>6s} {'all/core':>9s} " \
+           f"{'RSS MB':>7s}"
     lines = [head, "-" * len(head)]
     for r in rows:
         pct = 100 * r.ok / r.attempts if r.attempts else 0
+        total = r.cpu + r.softirq if r.defence.startswith("synproxy") else r.cpu
         lines.append(
             f"{r.defence:20s} {r.rate:>7s} {r.offered:10,.0f} {r.synacks:10,.0f} "
             f"{f'{r.ok}/{r.attempts} ({pct:.1f}%)':>14s} "
             f"{'-' if r.p50 is None else f'{r.p50:.1f}':>8s} {'-' if r.p99 is None else f'{r.p99:.1f}':>8s} "
             f"{r.cpu:6.0f} {f'{100 * r.synacks / r.cpu:,.0f}' if r.cpu >= 1 else '-':>9s} "
+            f"{r.softirq:6.0f} {f'{100 * r.synacks / total:,.0f}' if total >= 1 else '-':>9s} "
             f"{'-' if r.rss_mb is None else f'{r.rss_mb:.0f}':>7s}"
         )
     return "\n".join(lines)
