@@ -57,6 +57,11 @@ class Row:
     softirq: float = 0.0  # % of a core in softirq on the whole machine, for every defence
     rss_mb: float | None = None
 
+    @property
+    def all_cpu(self) -> float:
+        """% of a core the defence costs the whole machine: softirq, plus synproxy's processes."""
+        return self.cpu + self.softirq if self.defence.startswith("synproxy") else self.cpu
+
 
 def _counter(lab: Lab, table: str, chain: str, match: list[str]) -> int:
     out = lab.run("server", ["iptables", "-t", table, "-L", chain, "-v", "-x", "-n"]).stdout
@@ -182,13 +187,12 @@ def table(rows: list[Row]) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         pct = 100 * r.ok / r.attempts if r.attempts else 0
-        total = r.cpu + r.softirq if r.defence.startswith("synproxy") else r.cpu
         lines.append(
             f"{r.defence:20s} {r.rate:>7s} {r.offered:10,.0f} {r.synacks:10,.0f} "
             f"{f'{r.ok}/{r.attempts} ({pct:.1f}%)':>14s} "
             f"{'-' if r.p50 is None else f'{r.p50:.1f}':>8s} {'-' if r.p99 is None else f'{r.p99:.1f}':>8s} "
             f"{r.cpu:6.0f} {f'{100 * r.synacks / r.cpu:,.0f}' if r.cpu >= 1 else '-':>9s} "
-            f"{r.softirq:6.0f} {f'{100 * r.synacks / total:,.0f}' if total >= 1 else '-':>9s} "
+            f"{r.softirq:6.0f} {f'{100 * r.synacks / r.all_cpu:,.0f}' if r.all_cpu >= 1 else '-':>9s} "
             f"{'-' if r.rss_mb is None else f'{r.rss_mb:.0f}':>7s}"
         )
     return "\n".join(lines)

@@ -400,7 +400,7 @@ class Engine:
         family, src, dst, sport, dport, seq, ack, flags, opt_start, opt_end = head
         ports = self.config.ports
         if dport in ports:
-            key = (_pack_key_v4 if family == 4 else _pack_key_v6)(src, dst, sport, dport)
+            key = conn_key(family, src, dst, sport, dport)
             conn = self.conns.get(key)
             if conn is None:
                 kind = flags & (SYN | ACK | RST)
@@ -425,7 +425,7 @@ class Engine:
                 pkt = P.from_peeked(data, head)
             except PacketError as err:
                 return self._malformed(err)
-            key = (_pack_key_v4 if family == 4 else _pack_key_v6)(dst, src, dport, sport)
+            key = conn_key(family, dst, src, dport, sport)
             return self._server_packet(pkt, key, self.conns.get(key), now)
         return None
 
@@ -479,10 +479,10 @@ class Engine:
 
     def handle(self, pkt: Packet, direction: Direction, now: float) -> list[Action]:
         """Handle one packet; the first action is always its verdict."""
-        if direction is Direction.FROM_CLIENT:  # conn_key(), inlined on the per-packet path
-            key = (_pack_key_v4 if pkt.family == 4 else _pack_key_v6)(pkt.src, pkt.dst, pkt.sport, pkt.dport)
+        if direction is Direction.FROM_CLIENT:
+            key = conn_key(pkt.family, pkt.src, pkt.dst, pkt.sport, pkt.dport)
             return self._client_packet(pkt, key, self.conns.get(key), now)
-        key = (_pack_key_v4 if pkt.family == 4 else _pack_key_v6)(pkt.dst, pkt.src, pkt.dport, pkt.sport)
+        key = conn_key(pkt.family, pkt.dst, pkt.src, pkt.dport, pkt.sport)
         return self._server_packet(pkt, key, self.conns.get(key), now)
 
     def _client_packet(self, pkt: Packet, key: ConnKey, conn: Conn | None, now: float) -> list[Action]:
@@ -530,7 +530,7 @@ class Engine:
         batch = self._sweep_keys[-self.SWEEP_BATCH :]
         del self._sweep_keys[-self.SWEEP_BATCH :]
         idle = self.config.idle_timeout
-        tick = int(now * self._ticks_per_second) & TICK_MASK
+        tick = self._tick(now)
         for key in batch:
             conn = self.conns.get(key)
             if conn is not None and conn.state is State.ESTABLISHED and (tick - conn.seen) & TICK_MASK > IDLE_TICKS:
@@ -540,6 +540,10 @@ class Engine:
         # A whole pass takes at most a tenth of the idle timeout (or a minute).
         passes = max(1, len(self.conns) // self.SWEEP_BATCH)
         self._sweep_at = now + (0.0 if self._sweep_keys else min(idle / 10, 60.0)) + min(1.0, 1.0 / passes)
+
+    def _tick(self, now: float) -> int:
+        """The idle tick of `now` (see IDLE_TICKS)."""
+        return int(now * self._ticks_per_second) & TICK_MASK
 
     def _source(self, key: ConnKey) -> bytes:
         """The limits' source key of a connection: its client address's prefix."""
@@ -674,7 +678,7 @@ class Engine:
         syn = P.build(family, client, server, cport, sport, client_isn, 0, SYN, syn_window, syn_opts)
         conn = PendingConn(
             shape=self._shape(Shape(ts is not None, client_send_shift, 0, 0, client_recv_shift)),
-            seen=int(now * self._ticks_per_second) & TICK_MASK,
+            seen=self._tick(now),
             handshake=Handshake(
                 client_isn=client_isn,
                 cookie=(pkt.ack - 1) & U32,
@@ -719,7 +723,7 @@ class Engine:
         hs.held_next = end
 
     def _from_client(self, pkt: Packet, key: ConnKey, conn: Conn, now: float) -> list[Action]:
-        conn.seen = int(now * self._ticks_per_second) & TICK_MASK
+        conn.seen = self._tick(now)
         if isinstance(conn, PendingConn):
             if pkt.flags & RST:
                 return self._abort_pending(key, conn, "client_rst")
@@ -763,7 +767,7 @@ class Engine:
         return [Drop("server_no_state"), Send(pkt.family, pkt.src, rst, Direction.FROM_CLIENT, "rst")]
 
     def _from_server(self, pkt: Packet, key: ConnKey, conn: Conn, now: float) -> list[Action]:
-        conn.seen = int(now * self._ticks_per_second) & TICK_MASK
+        conn.seen = self._tick(now)
         flags = pkt.flags
         if isinstance(conn, PendingConn):
             hs = conn.handshake

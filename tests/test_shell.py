@@ -1,4 +1,5 @@
-"""The shell's loop without a kernel: how many packets it asks each queue for.
+"""The shell without a kernel: the order in which sends and verdicts leave, and
+how many packets its loop asks each queue for.
 
 The SYN queue is read in rounds of Shell.SYN_BATCH while traffic waits and of
 Shell.SYN_BATCH_IDLE while the traffic queue is empty (fewer rounds, so fewer
@@ -8,9 +9,12 @@ system calls per SYN under a flood).
 from __future__ import annotations
 
 import socket
+from collections import Counter
 from typing import Any
 
-from synproxy.engine import Drop
+import pytest
+
+from synproxy.engine import Accept, Direction, Drop, Send
 from synproxy.shell import Shell, ShellStats
 
 
@@ -57,16 +61,6 @@ class _Queue:
         self._w.close()
 
 
-class _Sender:
-    pending = False
-
-    def send(self, family: int, dst: bytes, data: bytes, kind: str) -> None:
-        pass
-
-    def flush(self) -> None:
-        pass
-
-
 class _Engine:
     """Drops everything; stops the shell once both queues are empty."""
 
@@ -88,7 +82,7 @@ def _run(traffic: int, syns: int) -> list[tuple[str, int]]:
     queues = [_Queue("traffic", traffic, reads), _Queue("syn", syns, reads)]
     shell = Shell.__new__(Shell)  # no kernel queues or sockets: the loop alone
     shell.engine = _Engine(shell, queues)  # type: ignore[assignment]
-    shell.sender, shell.stats, shell.clock = _Sender(), ShellStats(), lambda: 0.0  # type: ignore[assignment]
+    shell.sender, shell.stats, shell.clock = _Sender(_Wire()), ShellStats(), lambda: 0.0  # type: ignore[assignment]
     shell.on_tick, shell._stop, shell._next_tick, shell._service_due = None, False, 0.0, 0.0
     try:
         shell._serve(queues)  # type: ignore[arg-type]
@@ -113,3 +107,82 @@ def test_syns_are_read_in_small_rounds_while_traffic_waits() -> None:
     assert syn_reads[:3] == [Shell.SYN_BATCH] * 3
     assert set(syn_reads[3:]) == {Shell.SYN_BATCH_IDLE}
     assert sum(n for q, n in reads if q == "traffic") >= traffic
+
+
+class _Wire:
+    """What left, in order: sends when the sender flushes, verdicts when the queue does."""
+
+    def __init__(self) -> None:
+        self.out: list[str] = []
+
+
+class _Sender:
+    def __init__(self, wire: _Wire) -> None:
+        self.wire, self.queued = wire, []
+        self.sent: Counter[str] = Counter()
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.queued)
+
+    def send(self, family: int, dst: bytes, data: bytes, kind: str) -> None:
+        self.queued.append(data.decode())
+
+    def flush(self) -> None:
+        self.wire.out.extend(self.queued)
+        self.queued = []
+
+
+class _BatchedQueue:
+    """Like the netlink binding: verdicts leave on flush()."""
+
+    def __init__(self, wire: _Wire) -> None:
+        self.wire, self.queued = wire, []
+
+    def verdict(self, handle: Any, accept: bool, payload: bytes | None = None) -> None:
+        self.queued.append(f"{'accept' if accept else 'drop'} {handle}")
+
+    def flush(self, drops_may_wait: bool = False) -> None:
+        self.wire.out.extend(self.queued)
+        self.queued = []
+
+
+class _ImmediateQueue(_BatchedQueue):
+    """Like NetfilterQueue: a verdict leaves when it is given."""
+
+    def verdict(self, handle: Any, accept: bool, payload: bytes | None = None) -> None:
+        self.wire.out.append(f"{'accept' if accept else 'drop'} {handle}")
+
+
+class _ScriptedEngine:
+    def __init__(self, script: dict[bytes, list[Any]]) -> None:
+        self.script = script
+
+    def handle_raw(self, data: bytes, now: float) -> list[Any]:
+        return self.script[data]
+
+
+def _send(name: str) -> Send:
+    return Send(4, b"\x01\x02\x03\x04", name.encode(), Direction.FROM_SERVER, "data")
+
+
+@pytest.mark.parametrize("queue_kind", [_BatchedQueue, _ImmediateQueue])
+def test_shell_releases_sends_and_accepts_in_the_order_the_engine_made_them(queue_kind: type) -> None:
+    """An accept never overtakes an earlier packet's send, and a send never overtakes an earlier accept."""
+    script = {
+        b"p1": [Drop("syn_answered"), _send("synack1")],
+        b"p2": [Accept(), _send("ack-for-p2")],  # its send first, then its verdict
+        b"p3": [Drop("syn_answered"), _send("synack3")],  # after p2's accept
+        b"p4": [Accept()],
+        b"p5": [Drop("x")],
+    }
+    wire = _Wire()
+    shell = Shell.__new__(Shell)  # no queues or sockets: the batch logic alone
+    shell.engine, shell.clock = _ScriptedEngine(script), lambda: 0.0  # type: ignore[assignment]
+    shell.stats = ShellStats()
+    shell.sender = _Sender(wire)  # type: ignore[assignment]
+    queue = queue_kind(wire)
+    shell._handle_batch(queue, [(i, f"p{i}".encode()) for i in range(1, 6)])
+    order = [w for w in wire.out if not w.startswith("drop")]
+    assert order == ["synack1", "ack-for-p2", "accept 2", "synack3", "accept 4"]
+    assert sorted(w for w in wire.out if w.startswith("drop")) == ["drop 1", "drop 3", "drop 5"]
