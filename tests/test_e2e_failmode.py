@@ -1,0 +1,61 @@
+"""What a dead daemon leaves behind (issue 4, overload behaviour): its rules stay, and the
+queues they send to have no reader. By default that is fail-closed: protected traffic is
+dropped and nothing reaches the server. With --queue-bypass it is fail-open: traffic
+goes to the server unprotected, as documented with its risk."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from synproxy.rules import NFT_TABLE
+
+from .e2e import SERVER_PORT, Proxied, proxied
+
+pytestmark = pytest.mark.e2e
+
+
+def syns_at_server(px: Proxied) -> int:
+    """SYNs to the protected port that reached the server host's INPUT chain (past the queues)."""
+    out = px.lab.run("server", ["iptables", "-w", "-L", "INPUT", "-v", "-x", "-n"]).stdout
+    return sum(int(line.split()[0]) for line in out.splitlines() if "failmode-probe" in line)
+
+
+def connects(px: Proxied, timeout: float) -> bool:
+    """Whether one GET from the client completes within `timeout` (a SYN retransmission fits in 3 s)."""
+    return px.client("many", px.url(4, "/"), "--count", "1", "--timeout", str(timeout))["ok"] == 1
+
+
+def kill_daemon(px: Proxied) -> None:
+    """SIGKILL: no chance to remove its rules, as after a crash or the OOM killer."""
+    assert px.proc is not None
+    os.kill(px.proc.pid, signal.SIGKILL)
+    px.proc.wait(10)
+
+
+@pytest.mark.parametrize("mode", ["local", "gateway"])
+@pytest.mark.parametrize("bypass", [False, True], ids=["default", "queue-bypass"])
+def test_killed_daemon_fails_closed_unless_bypass_asked(mode: str, bypass: bool) -> None:
+    with proxied(mode, start=False) as px:
+        px.lab.run("server", ["iptables", "-w", "-I", "INPUT", "-p", "tcp", "--syn", "--dport", str(SERVER_PORT),
+                              "-m", "comment", "--comment", "failmode-probe"])
+        px.start_proxy(*(["--queue-bypass"] if bypass else []))
+        assert connects(px, 5)
+        through_proxy = syns_at_server(px)
+        assert through_proxy >= 1  # the proxy's own SYN to the server (the replayed handshake)
+
+        kill_daemon(px)
+        rules = (px.lab.run(px.proxy_host, ["iptables-save", "-t", "raw"]).stdout
+                 + px.lab.run(px.proxy_host, ["nft", "list", "ruleset"]).stdout)
+        assert "-j SYNPROXY_PY_PRE" in rules or f"table inet {NFT_TABLE}" in rules  # left behind
+        if bypass:
+            assert connects(px, 3)  # fail-open: straight to the server, unprotected
+            assert syns_at_server(px) == through_proxy + 1
+        else:
+            assert not connects(px, 3)  # fail-closed: the SYN and its retransmission are dropped
+            assert syns_at_server(px) == through_proxy
+
+        px.start_proxy(*(["--queue-bypass"] if bypass else []))  # back: new connections work at once
+        assert connects(px, 3)
