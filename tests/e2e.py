@@ -117,6 +117,27 @@ class Proxied:
                 values[name] = float(value)
         return values
 
+    SYN_PROBE = "synproxy-e2e-server-syns"
+
+    def count_server_syns(self) -> None:
+        """Count, from now on, the SYNs to the protected ports that reach the server host's
+        INPUT chain: past the proxy's queues, so only the proxy's own (replayed) SYNs, unless
+        something crossed that the proxy did not validate."""
+        for port in (SERVER_PORT, SINK_PORT):
+            self.lab.run("server", ["iptables", "-w", "-I", "INPUT", "-p", "tcp", "--syn", "--dport", str(port),
+                                    "-m", "comment", "--comment", self.SYN_PROBE])
+
+    def server_syns(self) -> int:
+        """SYNs counted since `count_server_syns`."""
+        out = self.lab.run("server", ["iptables", "-w", "-L", "INPUT", "-v", "-x", "-n"]).stdout
+        return sum(int(line.split()[0]) for line in out.splitlines() if self.SYN_PROBE in line)
+
+    def assert_only_validated_crossed(self, metrics_before: dict[str, float], syns_before: int) -> None:
+        """Every SYN that reached the server since was one the proxy sent after validating a cookie."""
+        key = 'synproxy_packets_sent_total{kind="syn"}'
+        sent = self.metrics().get(key, 0) - metrics_before.get(key, 0)
+        assert self.server_syns() - syns_before == sent, (self.server_syns() - syns_before, sent)
+
     def syn_recv(self) -> int:
         """Half-open sockets on the server: what a flood that crossed the proxy would fill."""
         out = self.lab.run("server", ["ss", "-Htan", "state", "syn-recv"])

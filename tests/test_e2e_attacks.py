@@ -1,9 +1,12 @@
 """Attacks to survive (issue 4): each bounded in count and time, each with a legitimate client
-on another address that must still connect, and nothing unvalidated crossing to the server."""
+on another address that must connect and get its data while the attack runs, and nothing
+crossing to the server but the SYNs the proxy sent after validating a cookie."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -23,6 +26,7 @@ def px() -> Iterator[Proxied]:
         p.start_proxy("--max-established-per-source", str(CAP), "--max-pending-per-source", "20",
                       "--source-prefix-v4", "24", "--synack-rate-per-source", "200",
                       "--synack-burst-per-source", "400")
+        p.count_server_syns()
         yield p
 
 
@@ -31,24 +35,39 @@ def legit_ok(px: Proxied) -> None:
     assert res["ok"] == 20, res
 
 
+def legit_ok_during(px: Proxied, attack: subprocess.Popen[bytes]) -> None:
+    """legit_ok while the attack runs (it must still be running when the client is done)."""
+    try:
+        time.sleep(0.3)  # under way
+        legit_ok(px)
+        assert attack.poll() is None, "the attack ended before the legitimate client did: nothing was tested"
+    finally:
+        attack.wait(30)
+
+
 def test_ack_flood_with_bogus_cookies(px: Proxied) -> None:
     """Random ACKs are dropped as invalid cookies; the server never sees them (it would answer RSTs)."""
-    server_before, m0 = px.snmp("server"), px.metrics()
-    px.lab.run("client3", ["timeout", "15", "hping3", "-q", "-A", "-p", "8080", "--rand-source", "-i", "u50",
-                           "-c", "20000", px.server_addr(4)], check=False, timeout=25)
+    server_before, m0, syns0 = px.snmp("server"), px.metrics(), px.server_syns()
+    legit_before = m0["synproxy_ack_valid_total"]
+    flood = px.lab.popen("client3", ["timeout", "15", "hping3", "-q", "-A", "-p", "8080", "--rand-source", "-i",
+                                     "u50", "-c", "40000", px.server_addr(4)])
+    legit_ok_during(px, flood)
     server_after, m1 = px.snmp("server"), px.metrics()
     invalid = m1['synproxy_ack_invalid_total{reason="cookie"}'] - m0.get('synproxy_ack_invalid_total{reason="cookie"}', 0)
-    assert invalid > 15000, invalid
-    assert m1["synproxy_ack_valid_total"] == m0["synproxy_ack_valid_total"]
+    assert invalid > 30000, invalid
+    assert m1["synproxy_ack_valid_total"] - legit_before == 20  # the legitimate client's, no bogus one
     assert server_after["OutRsts"] - server_before["OutRsts"] < 10  # the ACKs never reached its stack
-    legit_ok(px)
+    px.assert_only_validated_crossed(m0, syns0)
 
 
 def test_syn_flood_from_one_subnet_is_rate_limited(px: Proxied) -> None:
     """Spoofed SYNs from all over one /24: SYN-ACKs toward that /24 stay within its token bucket."""
-    m0 = px.metrics()
-    out = px.client("synflood", px.server_addr(4), "8080", "--prefix", "198.18.77.0/24", "--count", "20000",
-                    "--rate", "10000", host="client3", timeout=30)
+    m0, syns0 = px.metrics(), px.server_syns()
+    flood = px.lab.popen("client3", [PYTHON, "-m", "synproxy.peers", "synflood", px.server_addr(4), "8080",
+                                     "--prefix", "198.18.77.0/24", "--count", "20000", "--rate", "10000"],
+                         stdout=subprocess.PIPE)
+    legit_ok_during(px, flood)
+    out = json.loads(flood.stdout.read())  # type: ignore[union-attr]
     m1 = px.metrics()
     answered = m1["synproxy_synack_sent_total"] - m0["synproxy_synack_sent_total"]
     shed = m1['synproxy_shed_total{reason="synack_rate_source"}'] - m0.get(
@@ -57,7 +76,7 @@ def test_syn_flood_from_one_subnet_is_rate_limited(px: Proxied) -> None:
     assert answered <= 400 + 200 * (seconds + 1), (answered, seconds)  # burst + rate x time
     assert shed > 10000, shed
     assert px.syn_recv() == 0
-    legit_ok(px)
+    px.assert_only_validated_crossed(m0, syns0)
 
 
 def test_connection_exhaustion_from_one_source(px: Proxied) -> None:
@@ -76,6 +95,7 @@ def test_connection_exhaustion_from_one_source(px: Proxied) -> None:
         "print(json.dumps({'held':len(held),'refused':refused}))\n"
         "time.sleep(float(sys.argv[4]))\n"
     )
+    m0, syns0 = px.metrics(), px.server_syns()
     hog = px.lab.popen("client2", [PYTHON, "-c", code, px.server_addr(4), "8080", str(CAP + 20), "20"],
                        stdout=-1, text=True)
     line = hog.stdout.readline()  # type: ignore[union-attr]
@@ -83,14 +103,16 @@ def test_connection_exhaustion_from_one_source(px: Proxied) -> None:
     assert got["held"] <= CAP and got["held"] >= CAP - 5, got
     m = px.metrics()
     assert m.get('synproxy_shed_total{reason="per_source_established"}', 0) >= 10
-    legit_ok(px)
+    legit_ok(px)  # while the hog holds its connections
     hog.kill()
+    hog.wait(10)
+    px.assert_only_validated_crossed(m0, syns0)
 
 
 def test_download_through_a_syn_flood(px: Proxied) -> None:
     """A SYN flood at hping3's full speed fills only the SYN queue: a download running through it
     arrives intact and the traffic queue drops nothing, while the SYN queue overflows."""
-    m0 = px.metrics()
+    m0, syns0 = px.metrics(), px.server_syns()
     flood = px.lab.popen("client3", ["timeout", "8", "hping3", "-q", "-S", "-p", "8080", "--rand-source", "--flood",
                                      "-c", "2000000", px.server_addr(4)])
     try:
@@ -109,3 +131,4 @@ def test_download_through_a_syn_flood(px: Proxied) -> None:
     assert delta('synproxy_nfqueue_dropped_total{cause="queue_full",queue="traffic"}') == 0
     assert delta('synproxy_nfqueue_dropped_total{cause="socket_full",queue="traffic"}') == 0
     assert delta('synproxy_nfqueue_dropped_total{cause="queue_full",queue="syn"}') > 0  # it was overloaded
+    px.assert_only_validated_crossed(m0, syns0)

@@ -12,15 +12,9 @@ import pytest
 
 from synproxy.rules import NFT_TABLE
 
-from .e2e import SERVER_PORT, Proxied, proxied
+from .e2e import Proxied, proxied
 
 pytestmark = pytest.mark.e2e
-
-
-def syns_at_server(px: Proxied) -> int:
-    """SYNs to the protected port that reached the server host's INPUT chain (past the queues)."""
-    out = px.lab.run("server", ["iptables", "-w", "-L", "INPUT", "-v", "-x", "-n"]).stdout
-    return sum(int(line.split()[0]) for line in out.splitlines() if "failmode-probe" in line)
 
 
 def connects(px: Proxied, timeout: float) -> bool:
@@ -39,11 +33,10 @@ def kill_daemon(px: Proxied) -> None:
 @pytest.mark.parametrize("bypass", [False, True], ids=["default", "queue-bypass"])
 def test_killed_daemon_fails_closed_unless_bypass_asked(mode: str, bypass: bool) -> None:
     with proxied(mode, start=False) as px:
-        px.lab.run("server", ["iptables", "-w", "-I", "INPUT", "-p", "tcp", "--syn", "--dport", str(SERVER_PORT),
-                              "-m", "comment", "--comment", "failmode-probe"])
+        px.count_server_syns()
         px.start_proxy(*(["--queue-bypass"] if bypass else []))
         assert connects(px, 5)
-        through_proxy = syns_at_server(px)
+        through_proxy = px.server_syns()
         assert through_proxy >= 1  # the proxy's own SYN to the server (the replayed handshake)
 
         kill_daemon(px)
@@ -52,10 +45,10 @@ def test_killed_daemon_fails_closed_unless_bypass_asked(mode: str, bypass: bool)
         assert "-j SYNPROXY_PY_PRE" in rules or f"table inet {NFT_TABLE}" in rules  # left behind
         if bypass:
             assert connects(px, 3)  # fail-open: straight to the server, unprotected
-            assert syns_at_server(px) == through_proxy + 1
+            assert px.server_syns() == through_proxy + 1
         else:
             assert not connects(px, 3)  # fail-closed: the SYN and its retransmission are dropped
-            assert syns_at_server(px) == through_proxy
+            assert px.server_syns() == through_proxy
 
         px.start_proxy(*(["--queue-bypass"] if bypass else []))  # back: new connections work at once
         assert connects(px, 3)
