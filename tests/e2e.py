@@ -78,13 +78,18 @@ class Proxied:
             "--mode", self.mode, "--key-file", str(self.key_file),
             "--metrics-addr", f"127.0.0.1:{self.metrics_port}", *extra,
         ]
+        # One worker logs "serving ports" once its rules are in place; with several, each worker
+        # logs it when bound and the supervisor installs the rules after them.
+        several = "--workers" in extra and extra[extra.index("--workers") + 1] != "1"
+        ready = "supervising" if several else "serving ports"
         log = self.log_path.open("ab")
+        start = len(self.log())
         self.proc = self.lab.popen(self.proxy_host, args, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"synproxy exited {self.proc.returncode}:\n{self.log()}")
-            if "serving ports" in self.log():
+            if ready in self.log()[start:]:
                 time.sleep(0.2)
                 return
             time.sleep(0.05)

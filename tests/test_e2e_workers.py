@@ -37,6 +37,7 @@ def test_cookie_from_one_worker_validates_in_another(tmp_path: Path) -> None:
 def px2() -> Iterator[Proxied]:
     with proxied("local", clients=3, start=False) as px:
         px.start_proxy("--workers", "2")
+        px.count_server_syns()
         yield px
 
 
@@ -50,13 +51,28 @@ def worker_metrics(px: Proxied, index: int) -> dict[str, float]:
 
 
 def test_two_workers_share_the_flood_and_serve_clients(px2: Proxied) -> None:
-    px2.lab.run("client3", ["timeout", "10", "hping3", "-q", "-S", "-p", "8080", "--rand-source", "-i", "u100",
-                            "-c", "5000", px2.server_addr(4)], check=False, timeout=20)
-    answered = [worker_metrics(px2, i)["synproxy_synack_sent_total"] for i in (0, 1)]
-    assert min(answered) > 500, answered  # random sources hash onto both queues
-    for client in ("client", "client2"):
-        res = px2.client("many", px2.url(4, "/"), "--count", "30", "--concurrency", "5", host=client)
+    """Both workers answer a spoofed flood; clients on two other addresses connect while it runs,
+    and only the SYNs the workers sent after validating a cookie reach the server."""
+    sent_syn = 'synproxy_packets_sent_total{kind="syn"}'
+    syns0 = px2.server_syns()
+    sent0 = sum(worker_metrics(px2, i).get(sent_syn, 0) for i in (0, 1))
+    flood = px2.lab.popen("client3", ["timeout", "10", "hping3", "-q", "-S", "-p", "8080", "--rand-source", "-i",
+                                      "u100", "-c", "30000", px2.server_addr(4)])
+    try:
+        time.sleep(0.3)
+        results = [px2.client("many", px2.url(4, "/"), "--count", "30", "--concurrency", "5", host=client)
+                   for client in ("client", "client2")]
+        during = flood.poll() is None
+    finally:
+        flood.wait(20)
+    assert during, "the flood ended before the clients did: nothing was tested"
+    for res in results:
         assert res["ok"] == 30, res
+    after = [worker_metrics(px2, i) for i in (0, 1)]
+    answered = [m["synproxy_synack_sent_total"] for m in after]
+    assert min(answered) > 500, answered  # random sources hash onto both queues
+    sent = sum(m.get(sent_syn, 0) for m in after) - sent0
+    assert px2.server_syns() - syns0 == sent >= 60, (px2.server_syns() - syns0, sent)
 
 
 def proxy_pids(px: Proxied) -> set[int]:
