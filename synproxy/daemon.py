@@ -2,29 +2,34 @@
 
 One worker process serves one NFQUEUE (NetfilterQueue holds the GIL in its
 callback: scale with processes, not threads). With `workers > 1` a supervisor
-installs the rules with `--queue-balance` over `queue..queue+workers-1`, starts
-one worker per queue (all sharing the key file, so a cookie issued by one
-validates in any other), restarts a worker that dies, and removes the rules on
-a clean stop.
+starts one worker per queue (all sharing the key file, so a cookie issued by one
+validates in any other), waits until every worker has bound its queues, installs
+the rules with `--queue-balance` over them, restarts a worker that dies, and
+removes the rules on a clean stop. Under systemd (`Type=notify`) the service is
+ready once the rules are in place.
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import secrets
 import signal
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
 from .cookie import CookieMaker
 from .engine import Engine, EngineConfig
-from .keys import KeyFileWatcher, KeyRing, load_or_create
+from .keys import KeyFileError, KeyFileWatcher, KeyRing, load_or_create
 from .limits import LimitsConfig
-from .shell import Binding
+from .sdnotify import notify
+from .shell import Binding, ShellError
 
 log = logging.getLogger("synproxy")
 
@@ -97,12 +102,20 @@ def run(opts: RunOptions) -> None:
     If the process dies instead, the rules stay and queued traffic is dropped
     (fail-closed), never passed unprotected to the server.
     """
-    if opts.worker_index is not None:
-        serve_queue(opts, install_rules=False, index=opts.worker_index)
-    elif opts.workers > 1:
-        supervise(opts)
-    else:
-        serve_queue(opts, install_rules=opts.install_rules)
+    try:
+        if opts.worker_index is not None:
+            serve_queue(opts, install_rules=False, index=opts.worker_index, on_ready=_ready)
+        elif opts.workers > 1:
+            supervise(opts)
+        else:
+            serve_queue(opts, install_rules=opts.install_rules, on_ready=_ready)
+    finally:
+        notify("STOPPING=1")
+
+
+def _ready() -> None:
+    """Tell systemd (Type=notify) the service is up: its queues are bound, its rules in place."""
+    notify("READY=1")
 
 
 def worker_queues(opts: RunOptions, index: int) -> tuple[int, int]:
@@ -110,8 +123,10 @@ def worker_queues(opts: RunOptions, index: int) -> tuple[int, int]:
     return opts.queue + index, opts.queue + opts.workers + index
 
 
-def serve_queue(opts: RunOptions, install_rules: bool, index: int = 0) -> None:
-    """Worker `index`: bind its two queues, install the rules if asked, serve until stopped."""
+def serve_queue(
+    opts: RunOptions, install_rules: bool, index: int = 0, on_ready: Callable[[], None] | None = None
+) -> None:
+    """Worker `index`: bind its two queues, install the rules if asked, call `on_ready`, serve until stopped."""
     from prometheus_client import CollectorRegistry
 
     from . import rules
@@ -143,9 +158,12 @@ def serve_queue(opts: RunOptions, install_rules: bool, index: int = 0) -> None:
                                             lambda now: current["ring"].age(now)))
         serve(registry, addr)
     installed: list[rules.Backend] = []
+    serving = False
 
     def on_bound() -> None:
         """The queue has a reader: now the rules may send traffic to it."""
+        nonlocal serving
+        serving = True
         if install_rules:
             cfg, backend = _rule_config(opts), _backend(opts)
             rules.install(cfg, backend)
@@ -155,6 +173,8 @@ def serve_queue(opts: RunOptions, install_rules: bool, index: int = 0) -> None:
             "synproxy %s serving ports %s on queue %d, SYNs on queue %d (%s mode), pid %d, key %s",
             __version__, ",".join(map(str, opts.ports)), queue, syn_queue, opts.mode, os.getpid(), keyring.key_id,
         )
+        if on_ready is not None:
+            on_ready()
 
     try:
         shell.run(on_bound=on_bound)
@@ -162,56 +182,141 @@ def serve_queue(opts: RunOptions, install_rules: bool, index: int = 0) -> None:
         for backend in installed:
             rules.remove(backend)
             log.info("removed the %s rules", backend.value)
-        log.info("queue %d stopped; %d connections were open", queue, len(engine.conns))
+        if serving:
+            log.info("queue %d stopped; %d connections were open", queue, len(engine.conns))
 
 
-def _worker_main(opts: RunOptions, index: int) -> None:
+def _worker_main(opts: RunOptions, index: int, report: multiprocessing.connection.Connection) -> None:
+    """A supervised worker: it reports None once serving, or why it could not start."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides; it sends SIGTERM
-    serve_queue(opts, install_rules=False, index=index)
+    # Not the supervisor's handler, inherited by the fork: a SIGTERM before the worker serves
+    # (the supervisor giving up its start) must end it; the shell installs its own when serving.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.environ.pop("NOTIFY_SOCKET", None)  # the supervisor speaks for the service
+    ready = False
+
+    def on_ready() -> None:
+        nonlocal ready
+        ready = True
+        try:
+            report.send(None)
+        except OSError:  # the supervisor stopped listening: it is going away and will say so
+            pass
+
+    try:
+        serve_queue(opts, install_rules=False, index=index, on_ready=on_ready)
+    except (ShellError, KeyFileError, OSError) as err:
+        log.error("worker %d: %s", index, err)
+        if not ready:
+            report.send(str(err))
+        sys.exit(1)
+
+
+class Supervisor:
+    """Worker processes on consecutive queues behind one set of balanced rules."""
+
+    START_TIMEOUT = 15.0  # for every worker to bind its queues
+    RESTART_DELAY_MAX = 10.0  # a worker that keeps dying at once is restarted at most this often
+
+    def __init__(self, opts: RunOptions) -> None:
+        self.opts = opts
+        self.ctx = multiprocessing.get_context("fork")
+        self.procs: dict[int, multiprocessing.process.BaseProcess] = {}
+        self.reports: dict[int, multiprocessing.connection.Connection] = {}
+        self.started: dict[int, float] = {}
+        self.delay: dict[int, float] = {}
+        self.stopping = False
+
+    def start(self, i: int) -> None:
+        receive, send = self.ctx.Pipe(duplex=False)
+        proc = self.ctx.Process(target=_worker_main, args=(self.opts, i, send), name=f"synproxy-worker-{i}",
+                                daemon=False)
+        proc.start()
+        send.close()  # the worker holds the other copy: its exit reads as EOF here
+        old = self.reports.pop(i, None)
+        if old is not None:
+            old.close()
+        self.procs[i], self.reports[i], self.started[i] = proc, receive, time.monotonic()
+
+    def await_ready(self) -> None:
+        """Return once every worker serves; ShellError (one sentence) if one cannot."""
+        deadline = time.monotonic() + self.START_TIMEOUT
+        waiting = dict(self.reports)
+        while waiting and not self.stopping:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                late = ", ".join(map(str, sorted(waiting)))
+                raise ShellError(f"worker {late} did not bind its queues within {self.START_TIMEOUT:.0f} s")
+            for conn in multiprocessing.connection.wait(list(waiting.values()), min(left, 0.2)):
+                i = next(k for k, c in waiting.items() if c is conn)
+                try:
+                    why = conn.recv()
+                except EOFError:
+                    why = f"it exited with status {self.procs[i].exitcode} before serving"
+                if why is not None:
+                    raise ShellError(f"worker {i} could not start: {why}")
+                del waiting[i]
+
+    def watch(self) -> None:
+        """Restart workers that die, until stopped; one that dies soon after starting waits longer each time."""
+        due: dict[int, float] = {}
+        while not self.stopping:
+            now = time.monotonic()
+            for i, proc in list(self.procs.items()):
+                if proc.is_alive() or self.stopping:
+                    continue
+                if i not in due:
+                    quick = now - self.started[i] < 5.0
+                    self.delay[i] = min(max(self.delay.get(i, 0.0), 0.1) * 2, self.RESTART_DELAY_MAX) if quick else 0.0
+                    due[i] = now + self.delay[i]
+                    log.error("worker %d (queue %d) exited with %s; restarting it%s", i, self.opts.queue + i,
+                              proc.exitcode, f" in {self.delay[i]:.1f} s" if self.delay[i] else "")
+                if now >= due[i]:
+                    del due[i]
+                    self.start(i)
+            time.sleep(0.2)
+
+    def stop_workers(self) -> None:
+        """SIGTERM to every worker; SIGKILL to any still running 10 s later: none outlives the supervisor."""
+        for proc in self.procs.values():
+            if proc.is_alive() and proc.pid:
+                os.kill(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for i, proc in self.procs.items():
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                log.error("worker %d did not stop within 10 s; killing it", i)
+                proc.kill()
+                proc.join(5)
 
 
 def supervise(opts: RunOptions) -> None:
-    """Run `opts.workers` workers on consecutive queues behind one set of balanced rules."""
+    """Run `opts.workers` workers; rules once all serve; READY=1 for systemd once the rules are in."""
     from . import rules
 
     load_or_create(opts.key_file, time.time())  # create it once, before the workers race for it
-    ctx = multiprocessing.get_context("fork")
-    procs: dict[int, multiprocessing.process.BaseProcess] = {}
-    stopping = False
-
-    def start(i: int) -> None:
-        proc = ctx.Process(target=_worker_main, args=(opts, i), name=f"synproxy-worker-{i}", daemon=False)
-        proc.start()
-        procs[i] = proc
+    sup = Supervisor(opts)
 
     def stop(*_: object) -> None:
-        nonlocal stopping
-        stopping = True
+        sup.stopping = True
 
     old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     backend = None
     try:
         for i in range(opts.workers):
-            start(i)
-        time.sleep(0.5)  # let every worker bind its queue before traffic is sent to it
-        if opts.install_rules:
+            sup.start(i)
+        sup.await_ready()  # no traffic is sent to a queue before its worker reads it
+        if opts.install_rules and not sup.stopping:
             cfg, backend = _rule_config(opts), _backend(opts)
             rules.install(cfg, backend)
             log.info("installed %s rules for queues %d-%d (config %s)", backend.value, opts.queue,
                      opts.queue + 2 * opts.workers - 1, cfg.fingerprint)
-        log.info("synproxy %s supervising %d workers, pid %d", __version__, opts.workers, os.getpid())
-        while not stopping:
-            for i, proc in list(procs.items()):
-                if not proc.is_alive() and not stopping:
-                    log.error("worker %d (queue %d) exited with %s; restarting it", i, opts.queue + i, proc.exitcode)
-                    start(i)
-            time.sleep(0.2)
+        if not sup.stopping:
+            log.info("synproxy %s supervising %d workers, pid %d", __version__, opts.workers, os.getpid())
+            _ready()
+            sup.watch()
     finally:
-        for proc in procs.values():
-            if proc.is_alive() and proc.pid:
-                os.kill(proc.pid, signal.SIGTERM)
-        for proc in procs.values():
-            proc.join(10)
+        sup.stop_workers()
         if backend is not None:
             rules.remove(backend)
             log.info("removed the %s rules", backend.value)

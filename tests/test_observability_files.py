@@ -274,7 +274,7 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
 def test_daemon_units_are_confined(name: str) -> None:
     s = unit_settings(name)
     expected = {
-        "Type": "simple", "Restart": "on-failure", "NoNewPrivileges": "yes", "ProtectSystem": "strict",
+        "Type": "notify", "Restart": "on-failure", "NoNewPrivileges": "yes", "ProtectSystem": "strict",
         "StateDirectory": "synproxy", "StateDirectoryMode": "0700", "ProtectHome": "yes", "PrivateTmp": "yes",
         "ProtectKernelModules": "yes", "ProtectKernelTunables": "yes", "MemoryDenyWriteExecute": "yes",
         "LockPersonality": "yes", "RestrictRealtime": "yes", "SystemCallFilter": "@system-service",
@@ -667,11 +667,15 @@ def test_daemon_runs_inside_the_units_sandbox(lab: Any, tmp_path: Path) -> None:
     if strace:
         argv = [strace, "-f", "-qq", "-o", str(trace), *argv]
     log_path = tmp_path / "proxy.log"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # as systemd's, for Type=notify
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(20)
     with log_path.open("wb") as log:
-        proc = lab.popen("server", argv, stdout=log, stderr=subprocess.STDOUT)
+        proc = lab.popen("server", argv, stdout=log, stderr=subprocess.STDOUT,
+                         env=dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify")))
     try:
-        _wait_for("the proxy to serve", lambda: proc.poll() is not None or "serving ports" in log_path.read_text(), 20)
-        assert proc.poll() is None, log_path.read_text()
+        assert notify.recv(100) == b"READY=1", log_path.read_text()
+        assert proc.poll() is None and "serving ports" in log_path.read_text(), log_path.read_text()
         client = ("import socket, sys; s = socket.create_connection((sys.argv[1], 9000), timeout=5); "
                   "s.sendall(b'through the proxy'); s.close()")
         lab.run("client", [sys.executable, "-c", client, lab.addr("server")])
@@ -685,7 +689,9 @@ def test_daemon_runs_inside_the_units_sandbox(lab: Any, tmp_path: Path) -> None:
         assert daemon, "the daemon process was not found"
         os.kill(daemon[0], 15)  # SIGTERM to the daemon itself (strace -o blocks fatal signals)
         assert proc.wait(20) == 0, log_path.read_text()
+        assert notify.recv(100) == b"STOPPING=1"
     finally:
+        notify.close()
         if proc.poll() is None:
             for pid in reversed(_descendants(proc.pid)):
                 os.kill(pid, 9)
