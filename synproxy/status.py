@@ -57,8 +57,22 @@ def summary(before: Samples, after: Samples, seconds: float, workers: int) -> st
     def rate(name: str, **labels: str) -> float:
         return (total(after, name, **labels) - total(before, name, **labels)) / seconds
 
+    def per_label(name: str, label: str) -> list[str]:
+        """'value X/s (N total)' for each label value with a non-zero total."""
+        now, then = by_label(after, name, label), by_label(before, name, label)
+        return [f"{k} {(v - then.get(k, 0.0)) / seconds:,.0f}/s ({v:,.0f} total)" for k, v in sorted(now.items()) if v]
+
+    def queue(role: str) -> str:
+        drops = rate("synproxy_nfqueue_dropped_total", queue=role)
+        line = (f"  {role + ' queue':15s} waiting {total(after, 'synproxy_nfqueue_waiting', queue=role):,.0f}, "
+                f"kernel drops {drops:,.0f}/s ({total(after, 'synproxy_nfqueue_dropped_total', queue=role):,.0f} total)")
+        if drops and role == "syn":
+            line += ": more SYNs than the workers answer (add workers or cores)"
+        elif drops:
+            line += ": established traffic is being lost"
+        return line
+
     syn, valid = rate("synproxy_syn_received_total"), rate("synproxy_ack_valid_total")
-    shed = by_label(after, "synproxy_shed_total", "reason")
     handshakes = by_label(after, "synproxy_backend_handshakes_total", "outcome")
     version = next((dict(lbl).get("version", "?") for (n, lbl) in after if n == "synproxy_build_info"), "?")
     lines = [
@@ -69,9 +83,9 @@ def summary(before: Samples, after: Samples, seconds: float, workers: int) -> st
         f"established {total(after, 'synproxy_connections', state='established'):.0f}, "
         f"closing {total(after, 'synproxy_connections', state='closing'):.0f}",
         "  server handshakes " + (", ".join(f"{k} {v:,.0f}" for k, v in sorted(handshakes.items())) or "none yet"),
-        "  shed            " + (", ".join(f"{k} {v:,.0f}" for k, v in sorted(shed.items())) or "nothing"),
-        f"  queue           waiting {total(after, 'synproxy_nfqueue_waiting'):.0f}, "
-        f"kernel drops {total(after, 'synproxy_nfqueue_dropped_total'):,.0f}",
+        "  shed            " + (", ".join(per_label("synproxy_shed_total", "reason")) or "nothing"),
+        queue("syn"),
+        queue("traffic"),
         f"  cookie key age  {max((v for (n, _), v in after.items() if n == 'synproxy_cookie_key_age_seconds'), default=0) / 3600:.1f} h",
     ]
     verdict = "under a SYN flood" if syn > 1000 and valid < 0.1 * syn else "normal"
