@@ -215,7 +215,11 @@ def run(
     mss: int | None, key_file: Path, metrics_addr: str, install_rules: bool, queue_bypass: bool, queue_binding: str,
     rules_backend: str | None, backend_timeout: float, idle_timeout: float, **limits: Any,
 ) -> None:
-    """Run the proxy until SIGTERM or Ctrl-C (rules installed at start, removed on a clean stop)."""
+    """Run the proxy until SIGTERM or Ctrl-C (rules installed at start, removed on a clean stop).
+
+    The rules go in once every worker has bound its queues; under systemd (Type=notify)
+    the service is ready from then on.
+    """
     from .daemon import RunOptions, run as run_daemon
     from .keys import KeyFileError
     from .limits import LimitsConfig
