@@ -128,14 +128,19 @@ class Proxied:
         """Count, from now on, the SYNs to the protected ports that reach the server host's
         INPUT chain: past the proxy's queues, so only the proxy's own (replayed) SYNs, unless
         something crossed that the proxy did not validate."""
-        for port in (SERVER_PORT, SINK_PORT):
-            self.lab.run("server", ["iptables", "-w", "-I", "INPUT", "-p", "tcp", "--syn", "--dport", str(port),
-                                    "-m", "comment", "--comment", self.SYN_PROBE])
+        for tool in ("iptables", "ip6tables"):
+            for port in (SERVER_PORT, SINK_PORT):
+                self.lab.run("server", [tool, "-w", "-I", "INPUT", "-p", "tcp", "--syn", "--dport", str(port),
+                                        "-m", "comment", "--comment", self.SYN_PROBE])
 
     def server_syns(self) -> int:
-        """SYNs counted since `count_server_syns`."""
-        out = self.lab.run("server", ["iptables", "-w", "-L", "INPUT", "-v", "-x", "-n"]).stdout
-        return sum(int(line.split()[0]) for line in out.splitlines() if self.SYN_PROBE in line)
+        """SYNs (IPv4 and IPv6) counted since `count_server_syns`."""
+        return sum(
+            int(line.split()[0])
+            for tool in ("iptables", "ip6tables")
+            for line in self.lab.run("server", [tool, "-w", "-L", "INPUT", "-v", "-x", "-n"]).stdout.splitlines()
+            if self.SYN_PROBE in line
+        )
 
     def assert_only_validated_crossed(self, metrics_before: dict[str, float], syns_before: int) -> None:
         """Every SYN that reached the server since was one the proxy sent after validating a cookie."""

@@ -24,22 +24,22 @@ CAP = 40
 def px() -> Iterator[Proxied]:
     with proxied("local", clients=3, start=False) as p:
         p.start_proxy("--max-established-per-source", str(CAP), "--max-pending-per-source", "20",
-                      "--source-prefix-v4", "24", "--synack-rate-per-source", "200",
+                      "--source-prefix-v4", "24", "--source-prefix-v6", "64", "--synack-rate-per-source", "200",
                       "--synack-burst-per-source", "400")
         p.count_server_syns()
         yield p
 
 
-def legit_ok(px: Proxied) -> None:
-    res = px.client("many", px.url(4, "/"), "--count", "20", "--concurrency", "4", "--timeout", "3")
+def legit_ok(px: Proxied, family: int = 4) -> None:
+    res = px.client("many", px.url(family, "/"), "--count", "20", "--concurrency", "4", "--timeout", "3")
     assert res["ok"] == 20, res
 
 
-def legit_ok_during(px: Proxied, attack: subprocess.Popen[bytes]) -> None:
+def legit_ok_during(px: Proxied, attack: subprocess.Popen[bytes], family: int = 4) -> None:
     """legit_ok while the attack runs (it must still be running when the client is done)."""
     try:
         time.sleep(0.3)  # under way
-        legit_ok(px)
+        legit_ok(px, family)
         assert attack.poll() is None, "the attack ended before the legitimate client did: nothing was tested"
     finally:
         attack.wait(30)
@@ -60,13 +60,14 @@ def test_ack_flood_with_bogus_cookies(px: Proxied) -> None:
     px.assert_only_validated_crossed(m0, syns0)
 
 
-def test_syn_flood_from_one_subnet_is_rate_limited(px: Proxied) -> None:
-    """Spoofed SYNs from all over one /24: SYN-ACKs toward that /24 stay within its token bucket."""
+@pytest.mark.parametrize("family, prefix", [(4, "198.18.77.0/24"), (6, "fd53:5059:0:77::/64")])
+def test_syn_flood_from_one_subnet_is_rate_limited(px: Proxied, family: int, prefix: str) -> None:
+    """Spoofed SYNs from all over one /24 (IPv6: /64): SYN-ACKs toward it stay within its token bucket."""
     m0, syns0 = px.metrics(), px.server_syns()
-    flood = px.lab.popen("client3", [PYTHON, "-m", "synproxy.peers", "synflood", px.server_addr(4), "8080",
-                                     "--prefix", "198.18.77.0/24", "--count", "20000", "--rate", "10000"],
+    flood = px.lab.popen("client3", [PYTHON, "-m", "synproxy.peers", "synflood", px.server_addr(family), "8080",
+                                     "--prefix", prefix, "--count", "20000", "--rate", "10000"],
                          stdout=subprocess.PIPE)
-    legit_ok_during(px, flood)
+    legit_ok_during(px, flood, family)
     out = json.loads(flood.stdout.read())  # type: ignore[union-attr]
     m1 = px.metrics()
     answered = m1["synproxy_synack_sent_total"] - m0["synproxy_synack_sent_total"]
