@@ -16,7 +16,7 @@ import pytest
 
 from synproxy.peers import pattern_sha256
 
-from .e2e import Proxied, plain_addr, proxied
+from .e2e import PYTHON, Proxied, plain_addr, proxied
 
 pytestmark = pytest.mark.e2e
 
@@ -64,9 +64,11 @@ def test_50_concurrent_connections(px: Proxied) -> None:
     assert res["ok"] == 50, res
 
 
-def test_spoofed_syn_flood_never_reaches_server(px: Proxied) -> None:
+@pytest.mark.parametrize("family", [4, 6])
+def test_spoofed_syn_flood_never_reaches_server(px: Proxied, family: int) -> None:
     """A bounded flood of spoofed SYNs: no SYN of it reaches the server (its SYN-RECV count stays 0),
-    and a real client connects while it runs."""
+    and a real client connects while it runs. IPv4 from hping3 (random sources); IPv6, which
+    hping3 cannot send, from the lab's own generator (random sources of 2001:db8::/32)."""
     before, syns0 = px.metrics(), px.server_syns()
     samples: list[int] = []
     stop = threading.Event()
@@ -79,11 +81,15 @@ def test_spoofed_syn_flood_never_reaches_server(px: Proxied) -> None:
     watcher = threading.Thread(target=sample)
     watcher.start()
     # 20000 SYNs from random sources, one every 50 µs at most; bounded in count and time.
-    flood = px.lab.popen("client2", ["timeout", "20", "hping3", "-q", "-S", "-p", "8080", "--rand-source", "-i",
-                                     "u50", "-c", "20000", px.server_addr(4)])
+    if family == 4:
+        argv = ["hping3", "-q", "-S", "-p", "8080", "--rand-source", "-i", "u50", "-c", "20000", px.server_addr(4)]
+    else:
+        argv = [PYTHON, "-m", "synproxy.peers", "synflood", px.server_addr(6), "8080", "--prefix", "2001:db8::/32",
+                "--count", "20000", "--rate", "10000"]
+    flood = px.lab.popen("client2", ["timeout", "20", *argv])
     try:
         time.sleep(0.3)
-        res = px.client("many", px.url(4, "/"), "--count", "20", "--concurrency", "4", "--timeout", "5")
+        res = px.client("many", px.url(family, "/"), "--count", "20", "--concurrency", "4", "--timeout", "5")
         during = flood.poll() is None
     finally:
         flood.wait(30)
