@@ -195,7 +195,7 @@ def test_server_synack_is_stolen_and_acked() -> None:
     assert ack.options.ts == (f.client_tsval + 1, 9_000_000)
     upd = one(out, "window_update")
     assert upd.seq == synack.seq + 1 and upd.ack == f.client_isn + 1
-    assert upd.window == 65160 >> 7
+    assert upd.window == 65160 >> 7  # the server's SYN-ACK window in the client's scale
     assert upd.options.ts == (synack.options.ts[0], f.client_tsval + 1)  # the proxy's clock continues
     conn = next(iter(eng.conns.values()))
     assert conn.state is State.ESTABLISHED and eng.established == 1 and eng.pending == 0
@@ -223,11 +223,34 @@ def test_window_rescaled_between_scales(advertised: int, server_ws: int) -> None
     eng, f = make_engine(wscale=advertised), Flow()
     synack, _, out = handshake(eng, f, server_ws=server_ws)
     assert synack.options.wscale == advertised
-    for field_value in (1, 100, 511, 4000, 65535):
+    for field_value in (0, 1, 100, 511, 724, 4000, 65535):
         got = accepted(eng.handle(f.s(f.server_isn + 1, f.client_isn + 1, ACK, field_value), S2C, T0 + 1))
         real = field_value << server_ws
-        assert got.window == min(real >> advertised, 0xFFFF)
-        assert got.window << advertised <= real  # never promise more than the server offers
+        assert got.window == min(max(real >> advertised, 1 if real else 0), 0xFFFF)
+        assert (got.window == 0) == (real == 0)  # a window is closed only when the server closed it
+        if real >= 1 << advertised:
+            assert got.window << advertised <= real  # never promise more than the server offers
+
+
+def test_small_server_window_never_reaches_the_client_as_zero() -> None:
+    """The stall reproduced end to end: proxy on scale 12, server on 2 under memory pressure
+    offering 2 segments (2896 bytes, field 724). Rounded down that is a zero window: the client
+    only probes, the server never gets the data that would open its window, the upload hangs."""
+    eng, f = make_engine(wscale=12), Flow()
+    handshake(eng, f, server_ws=2)
+    got = accepted(eng.handle(f.s(f.server_isn + 1, f.client_isn + 1, ACK, 724), S2C, T0 + 1))
+    assert got.window == 1  # 4096 bytes: the client sends, the server takes what fits
+
+
+def test_first_window_update_is_rescaled() -> None:
+    """The window update after the handshake carries the server's (unscaled) SYN-ACK window,
+    rescaled like any other."""
+    eng, f = make_engine(wscale=0), Flow(client_ws=0)
+    _, _, out = handshake(eng, f, server_ws=7)
+    assert one(out, "window_update").window == 65160  # the SYN-ACK's unscaled window, client scale 0
+    eng, f = make_engine(wscale=14), Flow(client_ws=14)
+    synack, _, out = handshake(eng, f, server_ws=14)
+    assert one(out, "window_update").window == 3  # 65160 bytes at scale 14: 3.98 units, rounded down
 
 
 def test_client_window_rescaled_when_server_declines_scaling() -> None:
