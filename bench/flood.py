@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from synproxy.daemon import READY_LINE
 from synproxy.lab import Lab
 
 PORT = 8080
@@ -136,7 +137,7 @@ def setup(lab: Lab, defence: str, tmp: str) -> subprocess.Popen[bytes] | None:
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             text = Path(f"{tmp}/proxy.log").read_text()
-            if "serving ports" in text and (workers == "1" or "supervising" in text):
+            if READY_LINE in text:
                 time.sleep(0.5)
                 return proc
             time.sleep(0.1)

@@ -113,8 +113,13 @@ def run(opts: RunOptions) -> None:
         notify("STOPPING=1")
 
 
+READY_LINE = "synproxy ready"  # logged once the service protects (or serves, with --no-rules)
+
+
 def _ready() -> None:
-    """Tell systemd (Type=notify) the service is up: its queues are bound, its rules in place."""
+    """The service is up: its queues are bound, its rules in place. One log line for people
+    and scripts, whatever the mode; READY=1 for systemd (Type=notify)."""
+    log.info("%s, pid %d", READY_LINE, os.getpid())
     notify("READY=1")
 
 
@@ -193,22 +198,18 @@ def _worker_main(opts: RunOptions, index: int, report: multiprocessing.connectio
     # (the supervisor giving up its start) must end it; the shell installs its own when serving.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.environ.pop("NOTIFY_SOCKET", None)  # the supervisor speaks for the service
-    ready = False
 
-    def on_ready() -> None:
-        nonlocal ready
-        ready = True
+    def tell(message: str | None) -> None:
         try:
-            report.send(None)
+            report.send(message)
         except OSError:  # the supervisor stopped listening: it is going away and will say so
             pass
 
     try:
-        serve_queue(opts, install_rules=False, index=index, on_ready=on_ready)
+        serve_queue(opts, install_rules=False, index=index, on_ready=lambda: tell(None))
     except (ShellError, KeyFileError, OSError) as err:
         log.error("worker %d: %s", index, err)
-        if not ready:
-            report.send(str(err))
+        tell(str(err))  # read only while the supervisor still waits for this worker to start
         sys.exit(1)
 
 

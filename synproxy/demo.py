@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
+from .daemon import READY_LINE
 from .lab import Lab
 
 PORT = 8080
@@ -97,7 +98,7 @@ class Demo:
                 stdout=log.open("wb"), stderr=subprocess.STDOUT,
             )
             deadline = time.monotonic() + 15
-            while "serving ports" not in log.read_text() and time.monotonic() < deadline:
+            while READY_LINE not in log.read_text() and time.monotonic() < deadline:
                 if proxy.poll() is not None:
                     raise RuntimeError(f"synproxy failed to start:\n{log.read_text()}")
                 time.sleep(0.1)

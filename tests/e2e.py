@@ -15,12 +15,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
+from synproxy.daemon import READY_LINE
 from synproxy.lab import Lab
+from synproxy.rules import NFT_TABLE
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -28,6 +31,7 @@ SYNPROXY = str(VENV_BIN / "synproxy")
 PYTHON = sys.executable
 SERVER_PORT = 8080
 SINK_PORT = 9000
+T = TypeVar("T")
 
 
 @dataclass
@@ -78,10 +82,6 @@ class Proxied:
             "--mode", self.mode, "--key-file", str(self.key_file),
             "--metrics-addr", f"127.0.0.1:{self.metrics_port}", *extra,
         ]
-        # One worker logs "serving ports" once its rules are in place; with several, each worker
-        # logs it when bound and the supervisor installs the rules after them.
-        several = "--workers" in extra and extra[extra.index("--workers") + 1] != "1"
-        ready = "supervising" if several else "serving ports"
         log = self.log_path.open("ab")
         start = len(self.log())
         self.proc = self.lab.popen(self.proxy_host, args, stdout=log, stderr=subprocess.STDOUT)
@@ -89,7 +89,7 @@ class Proxied:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"synproxy exited {self.proc.returncode}:\n{self.log()}")
-            if ready in self.log()[start:]:
+            if READY_LINE in self.log()[start:]:  # queues bound, rules in place, any number of workers
                 time.sleep(0.2)
                 return
             time.sleep(0.05)
@@ -190,3 +190,22 @@ def plain_addr(addr: str) -> str:
     """'::ffff:198.18.0.2' (a v4 client on a dual-stack socket) -> '198.18.0.2'."""
     return addr.removeprefix("::ffff:")
 
+
+
+def synproxy_rules_in(lab: Lab, host: str) -> bool:
+    """Whether synproxy's rules are installed in `host`: its iptables chains or its nft table."""
+    ipt = lab.run(host, ["iptables-save", "-t", "raw"]).stdout
+    nft = lab.run(host, ["nft", "list", "tables"], check=False).stdout
+    return "-j SYNPROXY_PY_PRE" in ipt or f"table inet {NFT_TABLE}" in nft
+
+
+def during(attack: subprocess.Popen[Any], action: Callable[[], T], who: str = "the client") -> T:
+    """`action()` while the bounded `attack` process runs: it must still run when the action is
+    done (else nothing was tested). The attack is waited for either way."""
+    try:
+        time.sleep(0.3)  # under way
+        result = action()
+        assert attack.poll() is None, f"the attack ended before {who} did: nothing was tested"
+        return result
+    finally:
+        attack.wait(30)

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from collections.abc import Iterator
 
 import pytest
 
 from synproxy.peers import pattern_sha256
 
-from .e2e import PYTHON, Proxied, proxied
+from .e2e import PYTHON, Proxied, during, proxied
 
 pytestmark = pytest.mark.e2e
 
@@ -36,13 +35,8 @@ def legit_ok(px: Proxied, family: int = 4) -> None:
 
 
 def legit_ok_during(px: Proxied, attack: subprocess.Popen[bytes], family: int = 4) -> None:
-    """legit_ok while the attack runs (it must still be running when the client is done)."""
-    try:
-        time.sleep(0.3)  # under way
-        legit_ok(px, family)
-        assert attack.poll() is None, "the attack ended before the legitimate client did: nothing was tested"
-    finally:
-        attack.wait(30)
+    """legit_ok while the attack runs."""
+    during(attack, lambda: legit_ok(px, family), "the legitimate client")
 
 
 def test_ack_flood_with_bogus_cookies(px: Proxied) -> None:
@@ -116,19 +110,14 @@ def test_download_through_a_syn_flood(px: Proxied) -> None:
     m0, syns0 = px.metrics(), px.server_syns()
     flood = px.lab.popen("client3", ["timeout", "8", "hping3", "-q", "-S", "-p", "8080", "--rand-source", "--flood",
                                      "-c", "2000000", px.server_addr(4)])
-    try:
-        size = 20_000_000
-        res = px.client("get", px.url(4, f"/bytes/{size}"), timeout=60)
-        during = flood.poll() is None
-    finally:
-        flood.wait(20)
+    size = 20_000_000
+    res = during(flood, lambda: px.client("get", px.url(4, f"/bytes/{size}"), timeout=60), "the download")
     m1 = px.metrics()
 
     def delta(name: str) -> float:
         return m1[name] - m0.get(name, 0)  # KeyError if the series is missing
 
     assert res["status"] == 200 and res["bytes"] == size and res["sha256"] == pattern_sha256(size), res
-    assert during, "the flood ended before the download did: nothing was tested"
     assert delta('synproxy_nfqueue_dropped_total{cause="queue_full",queue="traffic"}') == 0
     assert delta('synproxy_nfqueue_dropped_total{cause="socket_full",queue="traffic"}') == 0
     assert delta('synproxy_nfqueue_dropped_total{cause="queue_full",queue="syn"}') > 0  # it was overloaded

@@ -10,9 +10,7 @@ import signal
 
 import pytest
 
-from synproxy.rules import NFT_TABLE
-
-from .e2e import Proxied, proxied
+from .e2e import Proxied, proxied, synproxy_rules_in
 
 pytestmark = pytest.mark.e2e
 
@@ -40,9 +38,7 @@ def test_killed_daemon_fails_closed_unless_bypass_asked(mode: str, bypass: bool)
         assert through_proxy >= 1  # the proxy's own SYN to the server (the replayed handshake)
 
         kill_daemon(px)
-        rules = (px.lab.run(px.proxy_host, ["iptables-save", "-t", "raw"]).stdout
-                 + px.lab.run(px.proxy_host, ["nft", "list", "ruleset"]).stdout)
-        assert "-j SYNPROXY_PY_PRE" in rules or f"table inet {NFT_TABLE}" in rules  # left behind
+        assert synproxy_rules_in(px.lab, px.proxy_host)  # left behind
         if bypass:
             assert connects(px, 3)  # fail-open: straight to the server, unprotected
             assert px.server_syns() == through_proxy + 1

@@ -16,7 +16,7 @@ import pytest
 
 from synproxy.lab import Lab
 
-from .e2e import SYNPROXY
+from .e2e import SYNPROXY, synproxy_rules_in
 
 pytestmark = pytest.mark.e2e
 
@@ -44,10 +44,6 @@ def bound_queues(lab: Lab) -> set[int]:
     return {int(line.split()[0]) for line in out.splitlines() if line.strip()}
 
 
-def rules_installed(lab: Lab) -> bool:
-    return "-j SYNPROXY_PY_PRE" in lab.run("server", ["iptables-save", "-t", "raw"]).stdout
-
-
 @pytest.mark.parametrize("workers", [1, 2])
 def test_ready_once_bound_and_protected_stopping_on_the_way_out(lab: Lab, tmp_path: Path,
                                                                  notify_socket: socket.socket, workers: int) -> None:
@@ -55,7 +51,7 @@ def test_ready_once_bound_and_protected_stopping_on_the_way_out(lab: Lab, tmp_pa
     assert notify_socket.recv(100) == b"READY=1"
     # At that moment, not later: every worker's two queues are read and the rules send to them.
     assert bound_queues(lab) >= set(range(QUEUE, QUEUE + 2 * workers))
-    assert rules_installed(lab)
+    assert synproxy_rules_in(lab, "server")
     time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     assert notify_socket.recv(100) == b"STOPPING=1"
@@ -63,7 +59,7 @@ def test_ready_once_bound_and_protected_stopping_on_the_way_out(lab: Lab, tmp_pa
     notify_socket.settimeout(0.2)
     with pytest.raises(TimeoutError):  # one READY=1 for the service: the workers do not send their own
         print(notify_socket.recv(100))
-    assert not rules_installed(lab)
+    assert not synproxy_rules_in(lab, "server")
 
 
 def test_worker_that_cannot_bind_is_one_line_and_a_failed_start(lab: Lab, tmp_path: Path,
@@ -81,7 +77,7 @@ def test_worker_that_cannot_bind_is_one_line_and_a_failed_start(lab: Lab, tmp_pa
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("synproxy: worker 1 could not start: cannot bind NFQUEUE"), res.stderr
     assert "Traceback" not in res.stderr
-    assert not rules_installed(lab)
+    assert not synproxy_rules_in(lab, "server")
     notify_socket.settimeout(0.2)
     assert notify_socket.recv(100) == b"STOPPING=1"  # never READY=1
     squatter.send_signal(signal.SIGTERM)

@@ -39,6 +39,8 @@ from synproxy.metrics import SynproxyCollector
 from synproxy import packet as P
 from synproxy.packet import ACK, RST
 from synproxy.shell import ShellStats
+
+from .e2e import synproxy_rules_in
 from tests.promql import DASHBOARD, instant_query, iter_panels, metric_names, panel_queries
 from tests.test_engine import T0, Flow, handshake, make_engine
 
@@ -683,8 +685,7 @@ def test_daemon_runs_inside_the_units_sandbox(lab: Any, tmp_path: Path) -> None:
                                      "urllib.request.urlopen('http://127.0.0.1:9531/metrics').read().decode())"]).stdout
         assert "synproxy_ack_valid_total 1.0" in metrics
         assert 'synproxy_backend_handshakes_total{outcome="established"} 1.0' in metrics
-        assert "SYNPROXY_PY" in lab.run("server", ["iptables-save", "-t", "raw"]).stdout + \
-            lab.run("server", ["nft", "list", "ruleset"], check=False).stdout.replace("synproxy_py", "SYNPROXY_PY")
+        assert synproxy_rules_in(lab, "server")
         daemon = [p for p in _descendants(proc.pid) if Path(f"/proc/{p}/comm").read_text().startswith("python")]
         assert daemon, "the daemon process was not found"
         os.kill(daemon[0], 15)  # SIGTERM to the daemon itself (strace -o blocks fatal signals)
@@ -698,7 +699,7 @@ def test_daemon_runs_inside_the_units_sandbox(lab: Any, tmp_path: Path) -> None:
             proc.wait(5)
     log = log_path.read_text()
     assert "removed the" in log and "RuntimeWarning" not in log, log  # rcvbuf forced, rules removed
-    assert "SYNPROXY_PY" not in lab.run("server", ["iptables-save", "-t", "raw"]).stdout
+    assert not synproxy_rules_in(lab, "server")
     assert oct((state / "cookie.key").stat().st_mode & 0o777) == "0o600"
     if strace:
         allowed = _system_service_syscalls(tool("systemd-analyze"))
