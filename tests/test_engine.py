@@ -11,7 +11,6 @@ from synproxy.cookie import CookieMaker
 from synproxy.engine import (
     Accept,
     Action,
-    BackendProfile,
     Direction,
     Drop,
     Engine,

@@ -9,7 +9,7 @@ import pytest
 
 from synproxy import packet as P
 from synproxy.engine import U32, Direction, Drop, Send
-from synproxy.limits import LimitsConfig, Shed, TokenBuckets, prefix_of
+from synproxy.limits import LimitsConfig, TokenBuckets, prefix_of
 from synproxy.packet import ACK, SYN, TcpOptions
 from tests.test_engine import T0, Flow, make_engine, one, sends
 
