@@ -205,10 +205,12 @@ def load(path: PathLike) -> KeyRing:
 
 
 def _ensure_dir(directory: Path) -> None:
-    """Create the key directory (0700) if missing; parents get the default mode."""
+    """Create the key's directory (0700) if missing, but not its parents: a path whose
+    parent does not exist is more likely a typo than a wish for a new tree."""
     if directory.is_dir():
         return
-    directory.parent.mkdir(parents=True, exist_ok=True)
+    if not directory.parent.is_dir():
+        raise KeyFileError(f"cannot create the key directory {directory}: {directory.parent} does not exist")
     try:
         os.mkdir(directory, 0o700)
     except FileExistsError:
@@ -291,14 +293,18 @@ def load_or_create(path: PathLike, now: float) -> KeyRing:
         raise _os_error(p, err) from None
 
 
-def rotate(path: PathLike, now: float) -> KeyRing:
+def rotate(path: PathLike, now: float, create: bool = False) -> KeyRing:
     """Make a new current secret, keep the old one as previous; atomic replace.
 
     Workers pick the new file up through `KeyFileWatcher`; cookies made with the
-    old secret stay valid for their normal lifetime.
+    old secret stay valid for their normal lifetime. A missing file is an error
+    (a mistyped path would otherwise get a key no worker reads) unless `create`.
     """
     p = Path(path)
     try:
+        if not create and not p.exists():
+            raise KeyFileError(f"key file {p} does not exist: nothing to rotate (check --key-file; "
+                               "`synproxy run` creates it, `key rotate --create` makes a new one)")
         _ensure_dir(p.parent)
         with _dir_lock(p.parent):
             try:

@@ -30,7 +30,7 @@ def leftovers(d: Path) -> list[str]:
 
 
 def test_create_private_file_and_dir(tmp_path: Path) -> None:
-    path = tmp_path / "var" / "synproxy" / "cookie.key"
+    path = tmp_path / "synproxy" / "cookie.key"  # the key directory is made, its parent exists
     old_umask = os.umask(0o022)
     try:
         ring = load_or_create(path, NOW)
@@ -176,10 +176,21 @@ def test_rotate_keeps_previous(tmp_path: Path) -> None:
     assert third.age(NOW + 260) == 60
 
 
-def test_rotate_creates_a_missing_file(tmp_path: Path) -> None:
+def test_rotate_creates_a_missing_file_only_when_asked(tmp_path: Path) -> None:
     path = tmp_path / "new" / "cookie.key"
-    ring = rotate(path, NOW)
+    with pytest.raises(KeyFileError, match="does not exist: nothing to rotate"):
+        rotate(path, NOW)  # a mistyped --key-file must not get a key no worker reads
+    assert not path.parent.exists()
+    ring = rotate(path, NOW, create=True)
     assert ring.generation == 1 and load(path) == ring and mode(path.parent) == 0o700
+
+
+def test_no_directory_tree_from_a_typo(tmp_path: Path) -> None:
+    """Only the key's own directory is created, never missing parents."""
+    for make in (lambda p: load_or_create(p, NOW), lambda p: rotate(p, NOW, create=True)):
+        with pytest.raises(KeyFileError, match="does not exist"):
+            make(tmp_path / "typo" / "sub" / "cookie.key")
+        assert not (tmp_path / "typo").exists()
 
 
 def test_watcher_sees_a_rotation(tmp_path: Path) -> None:
@@ -215,7 +226,7 @@ def test_watcher_ignores_a_touch_and_survives_a_broken_file(tmp_path: Path) -> N
     os.chmod(path, 0o600)
     path.unlink()
     assert watcher.poll() is None and watcher.last_error
-    rotated = rotate(path, NOW + 5)  # recreated by a rotation
+    rotated = rotate(path, NOW + 5, create=True)  # recreated by a rotation
     assert watcher.poll() == rotated and watcher.last_error is None
 
 
