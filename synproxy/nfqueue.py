@@ -185,10 +185,10 @@ class NfQueue:
             self._request([(NFQA_CFG_CMD, cmd)])
         except QueueError as err:
             if err.errno == errno.EBUSY:
-                raise QueueError(err.errno, f"queue {c.queue_num} is already bound") from err
+                raise QueueError(err.errno, "this process has bound it already") from err
             if err.errno == errno.EPERM:  # another socket holds the queue, or no CAP_NET_ADMIN
-                raise QueueError(err.errno, f"queue {c.queue_num} is bound by another process "
-                                            "(or CAP_NET_ADMIN is missing)") from err
+                raise QueueError(err.errno, "another process holds it (another synproxy on the same --queue?), "
+                                            "or CAP_NET_ADMIN is missing") from err
             raise
         params = struct.pack(">IB", min(c.copy_range, MAX_COPY_RANGE), NFQNL_COPY_PACKET)
         flags = NFQA_CFG_F_FAIL_OPEN if c.fail_open else 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import enum
+import errno
 import logging
 import select
 import signal
@@ -142,10 +143,10 @@ def open_queue(binding: Binding, queue_num: int, maxlen: int, fail_open: bool, b
             return NfQueue(QueueConfig(queue_num, maxlen=maxlen, fail_open=fail_open, batch=batch))
         return NetfilterQueueReader(queue_num, maxlen)
     except OSError as err:
-        raise ShellError(
-            f"cannot bind NFQUEUE {queue_num} ({err.strerror or err}): is another synproxy serving it, "
-            "or is the nfnetlink_queue kernel module missing?"
-        ) from err
+        why = err.strerror or str(err)
+        if err.errno not in (errno.EPERM, errno.EBUSY):  # those say what is wrong already
+            why += " (is the nfnetlink_queue kernel module missing?)"
+        raise ShellError(f"cannot bind NFQUEUE {queue_num}: {why}") from err
 
 
 class Shell:

@@ -180,4 +180,4 @@ def test_second_binder_is_refused_with_one_sentence(lab: Lab) -> None:
                      "open_queue(Binding.NETLINK, 31, 100, False)", check=False)
     assert res.returncode != 0 and time.monotonic() - t0 < 10
     assert "ShellError: cannot bind NFQUEUE 31" in res.stderr
-    assert "is another synproxy serving it" in res.stderr
+    assert "another process holds it (another synproxy on the same --queue?)" in res.stderr
