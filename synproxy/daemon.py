@@ -113,6 +113,9 @@ def run(opts: RunOptions) -> None:
         notify("STOPPING=1")
 
 
+_OPERATOR_RULES = ("using the %s rules `synproxy rules install` put in place (config %s); "
+                   "they stay after synproxy stops")
+
 READY_LINE = "synproxy ready"  # logged once the service protects (or serves, with --no-rules)
 
 
@@ -171,9 +174,11 @@ def serve_queue(
         serving = True
         if install_rules:
             cfg, backend = _rule_config(opts), _backend(opts)
-            rules.install(cfg, backend)
-            installed.append(backend)
-            log.info("installed %s rules (config %s)", backend.value, cfg.fingerprint)
+            if rules.install_for_run(cfg, backend):
+                installed.append(backend)
+                log.info("installed %s rules (config %s)", backend.value, cfg.fingerprint)
+            else:
+                log.info(_OPERATOR_RULES, backend.value, cfg.fingerprint)
         log.info(
             "synproxy %s serving ports %s on queue %d, SYNs on queue %d (%s mode), pid %d, key %s",
             __version__, ",".join(map(str, opts.ports)), queue, syn_queue, opts.mode, os.getpid(), keyring.key_id,
@@ -308,10 +313,13 @@ def supervise(opts: RunOptions) -> None:
             sup.start(i)
         sup.await_ready()  # no traffic is sent to a queue before its worker reads it
         if opts.install_rules and not sup.stopping:
-            cfg, backend = _rule_config(opts), _backend(opts)
-            rules.install(cfg, backend)
-            log.info("installed %s rules for queues %d-%d (config %s)", backend.value, opts.queue,
-                     opts.queue + 2 * opts.workers - 1, cfg.fingerprint)
+            cfg, chosen = _rule_config(opts), _backend(opts)
+            if rules.install_for_run(cfg, chosen):
+                backend = chosen
+                log.info("installed %s rules for queues %d-%d (config %s)", backend.value, opts.queue,
+                         opts.queue + 2 * opts.workers - 1, cfg.fingerprint)
+            else:
+                log.info(_OPERATOR_RULES, chosen.value, cfg.fingerprint)
         if not sup.stopping:
             log.info("synproxy %s supervising %d workers, pid %d", __version__, opts.workers, os.getpid())
             _ready()

@@ -38,6 +38,13 @@ class Backend(Enum):
     NFT = "nft"
 
 
+class Owner(Enum):
+    """Who installed the rules, and so who removes them."""
+
+    OPERATOR = "operator"  # `synproxy rules install`: they stay until `synproxy rules remove`
+    RUN = "run"  # `synproxy run`: removed when it stops cleanly
+
+
 class RulesError(RuntimeError):
     """One sentence the operator can act on."""
 
@@ -58,7 +65,10 @@ class RuleConfig:
             if not 1 <= port <= 65535:
                 raise RulesError(f"port {port} is outside 1..65535")
         if self.queues < 1 or not 0 <= self.queue <= 65535 - (2 * self.queues - 1):
-            raise RulesError(f"queues {self.queue}..{self.queue + 2 * self.queues - 1} are outside 0..65535")
+            raise RulesError(
+                f"--queue {self.queue} with {self.queues} worker(s) needs queues {self.queue}.."
+                f"{self.queue + 2 * self.queues - 1}, outside 0..65535: choose a lower --queue"
+            )
         if not 0 < self.mark < 2**32:
             raise RulesError(f"mark {self.mark:#x} must be a non-zero 32-bit value")
 
@@ -130,25 +140,29 @@ def _nft_vars(cfg: RuleConfig) -> dict[str, str]:
             "mark": f"{cfg.mark:#x}"}
 
 
-def render(cfg: RuleConfig, backend: Backend) -> str:
+def render(cfg: RuleConfig, backend: Backend, owner: Owner = Owner.OPERATOR) -> str:
     """The exact rules `install` would load (what `--dry-run` prints)."""
     if backend is Backend.IPTABLES:
         text = Template(template_text(f"iptables-{cfg.mode.value}.tmpl")).substitute(_iptables_vars(cfg))
         jumps = "".join(
             f'# then, for iptables and ip6tables alike (replacing any earlier jump):\n'
-            f'#   -t raw -I {hook} 1 -m comment --comment "{jump_comment(cfg)}" -j {chain}\n'
+            f'#   -t raw -I {hook} 1 -m comment --comment "{jump_comment(cfg, owner)}" -j {chain}\n'
             for hook, chain in (("PREROUTING", CHAIN_PRE), ("OUTPUT", CHAIN_OUT))
         )
         return text + jumps
     text = Template(template_text(f"nft-{cfg.mode.value}.tmpl")).substitute(_nft_vars(cfg))
-    # The configuration fingerprint rides in the table's comment.
+    # The configuration fingerprint (and the owner) ride in the table's comment.
     return text.replace(
-        f"table inet {NFT_TABLE} {{", f'table inet {NFT_TABLE} {{\n\tcomment "synproxy {cfg.fingerprint}"', 1
+        f"table inet {NFT_TABLE} {{", f'table inet {NFT_TABLE} {{\n\tcomment "{jump_comment(cfg, owner)}"', 1
     )
 
 
-def jump_comment(cfg: RuleConfig) -> str:
-    return f"synproxy {cfg.fingerprint}"
+def jump_comment(cfg: RuleConfig, owner: Owner = Owner.OPERATOR) -> str:
+    """'synproxy FINGERPRINT', plus ' run' when `synproxy run` installed them (and will remove them)."""
+    return f"synproxy {cfg.fingerprint}" + (" run" if owner is Owner.RUN else "")
+
+
+_COMMENT = re.compile(r'comment "?synproxy ([0-9a-f]{12})( run)?')
 
 
 # ---------------------------------------------------------------- running the tools
@@ -232,25 +246,28 @@ class Installed:
     present: bool
     fingerprint: str | None  # of the configuration that installed them
     text: str  # the rules as the tool lists them
+    owner: Owner = Owner.OPERATOR
 
 
 def _iptables_installed(binary: str) -> Installed:
     save = _run([_tool(f"{binary}-save"), "-t", "raw"], check=False).stdout
     ours = [line for line in save.splitlines() if "SYNPROXY_PY" in line]
-    fp = None
+    fp, owner = None, Owner.OPERATOR
     for line in ours:
-        m = re.search(r'--comment "?synproxy ([0-9a-f]{12})', line)
+        m = _COMMENT.search(line)
         if m:
-            fp = m.group(1)
-    return Installed(bool(ours), fp, "\n".join(ours))
+            fp, owner = m.group(1), Owner.RUN if m.group(2) else Owner.OPERATOR
+    return Installed(bool(ours), fp, "\n".join(ours), owner)
 
 
 def _nft_installed() -> Installed:
     res = _run([_tool("nft"), "list", "table", "inet", NFT_TABLE], check=False)
     if res.returncode != 0:
         return Installed(False, None, "")
-    m = re.search(r'comment "synproxy ([0-9a-f]{12})"', res.stdout)
-    return Installed(True, m.group(1) if m else None, res.stdout)
+    m = _COMMENT.search(res.stdout)
+    if m is None:
+        return Installed(True, None, res.stdout)
+    return Installed(True, m.group(1), res.stdout, Owner.RUN if m.group(2) else Owner.OPERATOR)
 
 
 def show(backend: Backend) -> list[tuple[str, Installed]]:
@@ -260,40 +277,56 @@ def show(backend: Backend) -> list[tuple[str, Installed]]:
     return [("ipv4", _iptables_installed("iptables")), ("ipv6", _iptables_installed("ip6tables"))]
 
 
-def install(cfg: RuleConfig, backend: Backend, replace: bool = False) -> bool:
-    """Install the rules; False when exactly these were already there (nothing done).
+def install(cfg: RuleConfig, backend: Backend, replace: bool = False, owner: Owner = Owner.OPERATOR) -> bool:
+    """Install the rules; False when exactly these, of this owner, were already there (nothing done).
 
+    Rules of this configuration left by another owner are taken over (the comment changes).
     Refuses, with RulesError, rules of another configuration unless `replace`.
     """
     installed = show(backend)
-    if all(i.present and i.fingerprint == cfg.fingerprint for _, i in installed):
+    if all(i.present and i.fingerprint == cfg.fingerprint and i.owner is owner for _, i in installed):
         return False
     other = [i for _, i in installed if i.present and i.fingerprint != cfg.fingerprint]
     if other and not replace:
+        hint = "or install with --replace" if owner is Owner.OPERATOR else "or give the same options as they were"
         raise RulesError(
-            "synproxy rules from another configuration are installed: "
-            "run `synproxy rules remove` first, or install with --replace"
+            f"synproxy rules from another configuration ({other[0].fingerprint}) are installed: "
+            f"run `synproxy rules remove` first, {hint}"
         )
     if backend is Backend.NFT:
-        _nft_install(cfg)
+        _nft_install(cfg, owner)
     else:
         for binary in ("iptables", "ip6tables"):
-            _iptables_install(binary, cfg)
+            _iptables_install(binary, cfg, owner)
     return True
 
 
-def _nft_install(cfg: RuleConfig) -> None:
+def install_for_run(cfg: RuleConfig, backend: Backend) -> bool:
+    """`synproxy run`'s rules; True when they are the daemon's to remove on a clean stop.
+
+    Rules of this configuration that the operator installed (`synproxy rules install`,
+    say from synproxy-rules.service) stay the operator's: used as they are and left in
+    place (False). Rules a killed `synproxy run` left behind are taken over.
+    """
+    installed = show(backend)
+    if all(i.present and i.fingerprint == cfg.fingerprint and i.owner is Owner.OPERATOR for _, i in installed):
+        return False
+    install(cfg, backend, owner=Owner.RUN)
+    return True
+
+
+def _nft_install(cfg: RuleConfig, owner: Owner) -> None:
     nft = _tool("nft")
     # One transaction: create-if-missing, delete, load — never a moment without rules.
-    script = f"table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\n{render(cfg, Backend.NFT)}"
+    script = f"table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\n{render(cfg, Backend.NFT, owner)}"
     _run([nft, "-f", "-"], stdin=script)
 
 
-def _iptables_install(binary: str, cfg: RuleConfig) -> None:
+def _iptables_install(binary: str, cfg: RuleConfig, owner: Owner) -> None:
     restore = _tool(f"{binary}-restore")
     tool = _tool(binary)
     _run([restore, "--noflush"], stdin=render(cfg, Backend.IPTABLES))
-    comment = jump_comment(cfg)
+    comment = jump_comment(cfg, owner)
     for hook, chain in (("PREROUTING", CHAIN_PRE), ("OUTPUT", CHAIN_OUT)):
         _delete_jumps(tool, hook, chain)
         _run([tool, "-w", "-t", "raw", "-I", hook, "1", "-m", "comment", "--comment", comment, "-j", chain])

@@ -160,10 +160,10 @@ from synproxy import rules as R
 real_render = R.render
 
 
-def render(cfg, backend):
+def render(cfg, backend, owner=R.Owner.OPERATOR):
     # This kernel may lack nft's queue statement (CONFIG_NFT_QUEUE): counters stand in for
     # it, so the rest (table, chains, notrack, fib, marks, the transaction) is the real thing.
-    text = real_render(cfg, backend)
+    text = real_render(cfg, backend, owner)
     return re.sub(r"queue num \\S+( bypass)?", "counter", text) if backend is R.Backend.NFT else text
 
 
