@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import click
+from click.core import ParameterSource
 
 from . import __version__
 
 DEFAULT_CONFIG = Path("/etc/synproxy/synproxy.toml")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -51,15 +53,15 @@ def load_config(path: Path, explicit: bool) -> dict[str, Any]:
     """The config file as a click default_map; a missing default file is fine."""
     if not path.exists():
         if explicit:
-            fail(f"config file {path} does not exist")
+            fail(f"config file {path} does not exist", 2)
         return {}
     try:
         with path.open("rb") as fh:
             data = tomllib.load(fh)
     except (OSError, tomllib.TOMLDecodeError) as err:
-        fail(f"cannot read config file {path}: {err}")
+        fail(f"cannot read config file {path}: {err}", 2)
     if not isinstance(data, dict):
-        fail(f"config file {path} must be a TOML table")
+        fail(f"config file {path} must be a TOML table", 2)
     return data
 
 
@@ -73,7 +75,19 @@ class ConfigGroup(click.Group):
         data = load_config(path, explicit)
         if data:
             ctx.default_map = self._default_map(ctx, data, path)
+            self._file_log_level(ctx, data, path)
         return super().invoke(ctx)
+
+    @staticmethod
+    def _file_log_level(ctx: click.Context, data: dict[str, Any], path: Path) -> None:
+        """Check the file's `log_level`; `main` applies it unless --log-level or
+        SYNPROXY_LOG_LEVEL gave one (the group's own options are parsed before the file is read)."""
+        level = data.get("log_level")
+        if level is None:
+            return
+        if level not in LOG_LEVELS:
+            fail(f"log_level in {path} must be one of {', '.join(LOG_LEVELS)}, got {level!r}", 2)
+        ctx.meta["synproxy.file_log_level"] = level
 
     def _default_map(self, ctx: click.Context, data: dict[str, Any], path: Path) -> dict[str, Any]:
         """File keys (long option names, underscores) -> each command's parameter names."""
@@ -106,7 +120,7 @@ class ConfigGroup(click.Group):
          f"command: synproxy --config FILE run. [default: {DEFAULT_CONFIG}]",
 )
 @click.option(
-    "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+    "--log-level", type=click.Choice(LOG_LEVELS), default="info",
     envvar="SYNPROXY_LOG_LEVEL", show_envvar=True, show_default=True,
 )
 def main(config: str | None, log_level: str) -> None:
@@ -116,6 +130,9 @@ def main(config: str | None, log_level: str) -> None:
     validates the client's ACK exactly, replays the handshake to the server with
     the client's own options and translates the connection for its life.
     """
+    ctx = click.get_current_context()
+    if ctx.get_parameter_source("log_level") is ParameterSource.DEFAULT:
+        log_level = ctx.meta.get("synproxy.file_log_level", log_level)
     logging.basicConfig(
         level=getattr(logging, log_level.upper()), format="%(asctime)s synproxy %(levelname)s %(message)s"
     )
@@ -150,17 +167,19 @@ def _limit_options(func: Any) -> Any:
     d = LimitsConfig()
     specs = [
         ("--max-pending-per-source", int, d.max_pending_per_source,
-         "Validated connections per source prefix whose server handshake is in flight."),
+         "Validated connections per source prefix whose server handshake is in flight (0 = unlimited)."),
         ("--max-established-per-source", int, d.max_established_per_source,
-         "Established connections per source prefix."),
-        ("--max-pending", int, d.max_pending, "Pending connections in all (per worker)."),
-        ("--max-established", int, d.max_established, "Established connections in all (per worker)."),
+         "Established connections per source prefix (0 = unlimited)."),
+        ("--max-pending", int, d.max_pending, "Pending connections in all, per worker (0 = unlimited)."),
+        ("--max-established", int, d.max_established, "Established connections in all, per worker (0 = unlimited)."),
         ("--source-prefix-v4", click.IntRange(1, 32), d.source_prefix_v4, "IPv4 prefix length that groups sources."),
         ("--source-prefix-v6", click.IntRange(1, 128), d.source_prefix_v6, "IPv6 prefix length that groups sources."),
         ("--synack-rate-per-source", float, d.synack_rate_per_source,
-         "SYN-ACKs per second to one source prefix (reflection guard)."),
-        ("--synack-burst-per-source", float, d.synack_burst_per_source, "Burst allowed above that rate."),
-        ("--synack-rate-global", float, d.synack_rate_global, "SYN-ACKs per second in all (per worker)."),
+         "SYN-ACKs per second to one source prefix, the reflection guard (0 = unlimited)."),
+        ("--synack-burst-per-source", float, d.synack_burst_per_source,
+         "SYN-ACKs one source prefix may get at once before that rate applies (at least 1)."),
+        ("--synack-rate-global", float, d.synack_rate_global,
+         "SYN-ACKs per second in all, per worker (0 = unlimited)."),
     ]
     for flag, typ, default, text in reversed(specs):
         env = "SYNPROXY_" + flag.lstrip("-").replace("-", "_").upper()
@@ -193,6 +212,9 @@ def _limit_options(func: Any) -> Any:
               show_envvar=True, help="Cookie key file shared by all workers (created 0600 if missing).")
 @click.option("--metrics-addr", default="127.0.0.1:9531", show_default=True, envvar="SYNPROXY_METRICS_ADDR",
               show_envvar=True, help="HOST:PORT of the Prometheus exporter ('off' disables); worker i uses PORT+i.")
+@click.option("--mark", type=click.IntRange(1, 2**32 - 1), default=0x5350, show_default=True, envvar="SYNPROXY_MARK",
+              show_envvar=True, help="Mark of the proxy's own packets, which the rules let pass; the same as "
+                                     "`rules install --mark` when the rules are installed separately.")
 @click.option("--rules/--no-rules", "install_rules", default=True, show_default=True, envvar="SYNPROXY_RULES",
               show_envvar=True, help="Install the firewall rules at start and remove them on a clean stop.")
 @click.option("--queue-bypass", is_flag=True, envvar="SYNPROXY_QUEUE_BYPASS", show_envvar=True,
@@ -212,7 +234,8 @@ def _limit_options(func: Any) -> Any:
 @_limit_options
 def run(
     ports: tuple[int, ...], queue: int, workers: int, worker_index: int | None, mode: str, wscale: int | None,
-    mss: int | None, key_file: Path, metrics_addr: str, install_rules: bool, queue_bypass: bool, queue_binding: str,
+    mss: int | None, key_file: Path, metrics_addr: str, mark: int, install_rules: bool, queue_bypass: bool,
+    queue_binding: str,
     rules_backend: str | None, backend_timeout: float, idle_timeout: float, **limits: Any,
 ) -> None:
     """Run the proxy until SIGTERM or Ctrl-C (rules installed at start, removed on a clean stop).
@@ -224,26 +247,36 @@ def run(
     from .keys import KeyFileError
     from .limits import LimitsConfig
     from .metrics import parse_addr
-    from .rules import RulesError
+    from .rules import RulesError, render
     from .shell import ShellError
 
-    if not ports:
-        fail("no protected port: give --port P (or port = [P] in the config file)", 2)
     if worker_index is not None and worker_index >= workers:
         fail(f"--worker-index {worker_index} needs --workers {worker_index + 1} or more (workers = {workers})", 2)
+    # Every configuration error before anything is bound or installed, with exit status 2
+    # (which the systemd unit does not restart on).
+    rule_cfg = _rule_config(ports, queue, workers, mode, mark, queue_bypass)
     if metrics_addr != "off":
         try:
-            parse_addr(metrics_addr)
+            _host, metrics_port = parse_addr(metrics_addr)
         except ValueError as err:
             fail(str(err), 2)
+        if metrics_port + workers - 1 > 65535:
+            fail(f"--metrics-addr port {metrics_port} leaves no room for {workers} workers "
+                 f"(ports {metrics_port}..{metrics_port + workers - 1}): choose a port below {65536 - workers + 1}", 2)
     try:
         limit_cfg = LimitsConfig(**limits)
     except ValueError as err:
         fail(str(err), 2)
     _need_root("synproxy run")
+    if install_rules and worker_index is None:
+        backend = _backend(rules_backend)
+        try:
+            render(rule_cfg, backend)
+        except RulesError as err:
+            fail(str(err), 2)
     opts = RunOptions(
         ports=tuple(sorted(set(ports))), queue=queue, workers=workers, worker_index=worker_index, mode=mode, wscale=wscale, mss=mss,
-        key_file=key_file, metrics_addr=None if metrics_addr == "off" else metrics_addr,
+        key_file=key_file, metrics_addr=None if metrics_addr == "off" else metrics_addr, mark=mark,
         install_rules=install_rules, queue_bypass=queue_bypass, queue_binding=queue_binding,
         rules_backend=rules_backend,
         backend_timeout=backend_timeout, idle_timeout=idle_timeout, limits=limit_cfg,
@@ -355,8 +388,9 @@ def rules_remove(backend: str | None) -> None:
 @_rule_options
 def rules_show(ports: tuple[int, ...], queue: int, queues: int, mode: str, mark: int, bypass: bool,
                backend: str | None) -> None:
-    """Show the installed rules and whether they match the configuration."""
-    from .rules import RulesError, show
+    """Show the installed rules, who installed them, and whether they match the configuration
+    (exit status 3 when they do not, or are missing)."""
+    from .rules import Owner, RulesError, show
 
     _need_root("synproxy rules show", raw=False)
     chosen = _backend(backend)
@@ -376,7 +410,8 @@ def rules_show(ports: tuple[int, ...], queue: int, queues: int, mode: str, mark:
             ok = inst.fingerprint == cfg.fingerprint
             mismatch = mismatch or not ok
             state = " (matches the configuration)" if ok else " (DIFFERENT from the configuration)"
-        click.echo(f"{family}: installed, config {inst.fingerprint}{state}")
+        by = "synproxy run, removed when it stops" if inst.owner is Owner.RUN else "synproxy rules install"
+        click.echo(f"{family}: installed by {by}, config {inst.fingerprint}{state}")
         click.echo(inst.text.rstrip())
     if mismatch:
         sys.exit(3)
@@ -415,8 +450,11 @@ def key() -> None:
 @key.command("rotate")
 @click.option("--key-file", type=click.Path(dir_okay=False, path_type=Path),
               default=Path("/var/lib/synproxy/cookie.key"), show_default=True, envvar="SYNPROXY_KEY_FILE",
-              show_envvar=True)
-def key_rotate(key_file: Path) -> None:
+              show_envvar=True, help="The key file the workers read (their --key-file).")
+@click.option("--create", is_flag=True,
+              help="Make a new key file if there is none (say, before the first start); otherwise a missing "
+                   "file is an error, as a mistyped path would get a key no worker reads.")
+def key_rotate(key_file: Path, create: bool) -> None:
     """Start a new cookie key; the old one stays valid for cookies already sent.
 
     Running workers notice the new file within about a second.
@@ -426,10 +464,11 @@ def key_rotate(key_file: Path) -> None:
     from .keys import KeyFileError, rotate
 
     try:
-        ring = rotate(key_file, _time.time())
+        ring = rotate(key_file, _time.time(), create=create)
     except KeyFileError as err:
         fail(str(err))
-    click.echo(f"rotated {key_file}: key {ring.key_id}, generation {ring.generation}")
+    what = "created" if ring.generation == 1 else "rotated"
+    click.echo(f"{what} {key_file}: key {ring.key_id}, generation {ring.generation}")
 
 
 @main.command()

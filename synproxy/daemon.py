@@ -164,7 +164,11 @@ def serve_queue(
         registry = CollectorRegistry()
         registry.register(SynproxyCollector(engine, shell.stats, {"traffic": queue, "syn": syn_queue},
                                             lambda now: current["ring"].age(now)))
-        serve(registry, addr)
+        try:
+            serve(registry, addr)
+        except OSError as err:
+            why = (err.strerror or str(err)).lower()
+            raise ShellError(f"cannot serve metrics on {addr}: {why} (give another --metrics-addr, or off)") from err
     installed: list[rules.Backend] = []
     serving = False
 

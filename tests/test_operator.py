@@ -59,7 +59,7 @@ def test_config_file_and_environment(tmp_path: Path) -> None:
     bad = cli("--config", str(conf), "run")
     assert bad.returncode == 2 and bad.stderr.strip() == f"synproxy: unknown key(s) in {conf}: prot"
     missing = cli("--config", str(tmp_path / "nope.toml"), "run")
-    assert missing.returncode == 1 and "does not exist" in missing.stderr
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
 
 
 def test_not_root_is_one_clear_line() -> None:
