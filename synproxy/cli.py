@@ -478,7 +478,9 @@ def probe(target: str, timeout: float) -> None:
     """Learn what a server announces (MSS, window scale, SACK, timestamps) from a real handshake.
 
     Probe the server directly: a probe that passes through a running synproxy
-    sees what the proxy announces instead.
+    sees what the proxy announces instead. The exact MSS needs root
+    (CAP_NET_ADMIN, for TCP repair mode); without it the kernel's send MSS is
+    shown, which can be lower.
     """
     from .metrics import parse_addr
     from .status import probe as do_probe
@@ -490,9 +492,13 @@ def probe(target: str, timeout: float) -> None:
         fail(str(err), 2)
     except OSError as err:
         fail(f"cannot connect to {target}: {err.strerror or err}")
-    click.echo(f"{target}: mss {res.mss}, window scale {res.wscale if res.wscale is not None else 'off'}, "
+    mss = f"mss {res.mss}" if res.mss_exact else f"mss {res.mss} (estimate)"
+    click.echo(f"{target}: {mss}, window scale {res.wscale if res.wscale is not None else 'off'}, "
                f"SACK {'on' if res.sack else 'off'}, timestamps {'on' if res.timestamps else 'off'} "
                f"(handshake {res.connect_ms:.1f} ms)")
+    if not res.mss_exact:
+        click.echo("the MSS is an estimate: the kernel's send MSS, which it clamps to half the server's window; "
+                   "the MSS the server announced needs CAP_NET_ADMIN (run as root)")
     click.echo(f"to mimic it: synproxy run --mss {res.mss} --wscale {res.wscale if res.wscale is not None else 0}")
 
 
