@@ -473,23 +473,32 @@ def key_rotate(key_file: Path, create: bool) -> None:
 
 @main.command()
 @click.argument("target", metavar="HOST:PORT")
-@click.option("--timeout", type=float, default=3.0, show_default=True)
+@click.option("--timeout", type=click.FloatRange(0, min_open=True), default=3.0, show_default=True,
+              metavar="SECONDS", help="Seconds to wait for the server's SYN-ACK.")
 def probe(target: str, timeout: float) -> None:
     """Learn what a server announces (MSS, window scale, SACK, timestamps) from a real handshake.
 
-    Probe the server directly: a probe that passes through a running synproxy
-    sees what the proxy announces instead. The exact MSS needs root
-    (CAP_NET_ADMIN, for TCP repair mode); without it the kernel's send MSS is
-    shown, which can be lower.
+    HOST:PORT is e.g. 192.0.2.7:443 or [2001:db8::7]:443. Probe the server
+    directly: a probe that passes through a running synproxy sees what the
+    proxy announces instead. The exact MSS needs root (CAP_NET_ADMIN, for
+    TCP repair mode); without it the kernel's send MSS is shown, which can
+    be lower.
     """
-    from .metrics import parse_addr
+    import socket as _socket
+
+    from .status import parse_target
     from .status import probe as do_probe
 
     try:
-        host, port = parse_addr(target)
-        res = do_probe(host, port, timeout)
+        host, port = parse_target(target)
     except ValueError as err:
         fail(str(err), 2)
+    try:
+        res = do_probe(host, port, timeout)
+    except TimeoutError:
+        fail(f"no SYN-ACK from {target} within {timeout:g} s (is a firewall dropping the SYN?)")
+    except _socket.gaierror as err:
+        fail(f"cannot resolve {host}: {err.strerror or err}")
     except OSError as err:
         fail(f"cannot connect to {target}: {err.strerror or err}")
     mss = f"mss {res.mss}" if res.mss_exact else f"mss {res.mss} (estimate)"

@@ -1,4 +1,4 @@
-"""`synproxy probe`: the MSS a server announced in its SYN-ACK, exactly.
+"""`synproxy probe`: the MSS a server announced in its SYN-ACK, exactly, and one-line errors.
 
 Servers in a lab announce a known MSS (TCP_MAXSEG set before listen() caps what the SYN-ACK
 carries; without it Linux announces the MTU less the IP and TCP headers), and the probe must
@@ -10,6 +10,8 @@ for a server with a small receive buffer that announced 1460 over the veth.
 
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -60,6 +62,10 @@ try:
 except TimeoutError:
     print("still established", flush=True)
 """
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([SYNPROXY, *args], capture_output=True, text=True, env=os.environ)
 
 
 def target(addr: str, port: int) -> str:
@@ -123,3 +129,42 @@ def test_probe_closes_with_a_fin(mss_lab: Lab) -> None:
     assert server.stdout is not None and server.stdout.readline().strip() == "listening"
     mss_lab.run("server", [SYNPROXY, "probe", f"127.0.0.1:{ONE_CONNECTION_PORT}"])
     assert server.stdout.readline().strip() == "end of stream"
+
+
+def test_target_without_port_names_the_probe_target() -> None:
+    for bad in ("10.99.0.2", "fd00::2:80", "[fd00::2]", ":80", "10.99.0.2:0", "10.99.0.2:http"):
+        res = cli("probe", bad)
+        assert res.returncode == 2, (bad, res)
+        assert res.stderr == f"synproxy: probe target must be HOST:PORT (IPv6: [ADDR]:PORT), got {bad!r}\n", res.stderr
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_timeout_must_be_positive(value: str) -> None:
+    res = cli("probe", "127.0.0.1:9", "--timeout", value)
+    assert res.returncode == 2 and "Invalid value for '--timeout'" in res.stderr and "x>0" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_connect_timeout_is_one_line() -> None:
+    """A listener whose accept queue is full drops further SYNs: the probe gets no SYN-ACK."""
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        addr = target(*full.getsockname())
+        with socket.create_connection(full.getsockname()):  # fills the queue of length 0
+            res = cli("probe", addr, "--timeout", "0.5")
+    assert res.returncode == 1, res
+    assert res.stderr == f"synproxy: no SYN-ACK from {addr} within 0.5 s (is a firewall dropping the SYN?)\n", res.stderr
+
+
+def test_refused_is_one_line() -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # bound, not listening: the SYN is answered with a RST
+        addr = target(*closed.getsockname())
+        res = cli("probe", addr)
+    assert res.returncode == 1 and res.stderr == f"synproxy: cannot connect to {addr}: Connection refused\n", res.stderr
+
+
+def test_help_reads_well() -> None:
+    out = cli("probe", "--help").stdout
+    assert "--timeout SECONDS" in out and "Seconds to wait for the server's SYN-ACK" in out, out
