@@ -521,14 +521,17 @@ def status(metrics_addr: str, interval: float) -> None:
     import time as _time
 
     from .metrics import parse_addr
-    from .status import scrape, summary, worker_addrs
+    from .status import NotSynproxy, scrape, summary, worker_addrs
 
     try:
         parse_addr(metrics_addr)
     except ValueError as err:
         fail(str(err), 2)
-    addrs = worker_addrs(metrics_addr)
-    if not addrs:
+    try:
+        addrs = worker_addrs(metrics_addr)
+    except NotSynproxy as err:
+        fail(str(err))
+    except OSError:
         fail(f"no synproxy metrics at {metrics_addr}: is `synproxy run` running with that --metrics-addr?")
 
     def all_samples() -> dict[Any, float]:
@@ -542,6 +545,6 @@ def status(metrics_addr: str, interval: float) -> None:
         before = all_samples()
         _time.sleep(interval)
         after = all_samples()
-    except OSError as err:
+    except (OSError, NotSynproxy) as err:
         fail(f"reading metrics failed: {err}")
     click.echo(summary(before, after, interval, len(addrs)))

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import http.client
 import socket
 import struct
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
@@ -13,13 +15,33 @@ from prometheus_client.parser import text_string_to_metric_families
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
+class NotSynproxy(Exception):
+    """Something answers at a metrics address, but not synproxy's exporter."""
+
+
 def scrape(addr: str, timeout: float = 3.0) -> Samples:
-    """All samples of one exporter, keyed by (name, sorted labels)."""
-    text = urllib.request.urlopen(f"http://{addr}/metrics", timeout=timeout).read().decode()
+    """All samples of synproxy's exporter at ADDR, keyed by (name, sorted labels).
+
+    Raises OSError when nothing answers there and NotSynproxy when something else does: an
+    HTML page used to end `synproxy status` in the parser's traceback. synproxy_build_info is
+    what every synproxy exports, and other exporters do not.
+    """
+    try:
+        with urllib.request.urlopen(f"http://{addr}/metrics", timeout=timeout) as resp:
+            body = resp.read()
+    except urllib.error.HTTPError as err:
+        raise NotSynproxy(f"{addr} is not a synproxy metrics endpoint: /metrics answered HTTP {err.code}") from None
+    except http.client.HTTPException:
+        raise NotSynproxy(f"{addr} is not a synproxy metrics endpoint: it does not answer in HTTP") from None
     out: Samples = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    try:
+        for fam in text_string_to_metric_families(body.decode()):
+            for s in fam.samples:
+                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    except ValueError:  # UnicodeDecodeError included
+        raise NotSynproxy(f"{addr} is not a synproxy metrics endpoint: its /metrics is not Prometheus text") from None
+    if not any(name == "synproxy_build_info" for name, _ in out):
+        raise NotSynproxy(f"{addr} is not a synproxy metrics endpoint: its /metrics has no synproxy_build_info")
     return out
 
 
@@ -39,16 +61,21 @@ def by_label(samples: Samples, name: str, label: str) -> dict[str, float]:
 
 
 def worker_addrs(addr: str, limit: int = 64) -> list[str]:
-    """The exporter of worker 0 and those of further workers (PORT+1, ...) that answer."""
+    """The exporter of worker 0 at ADDR and those of further workers (PORT+1, ...) up to the first
+    port that does not serve synproxy's metrics: whatever else listens there is not a worker.
+
+    Raises what scrape() raises for ADDR itself.
+    """
     host, _, port = addr.rpartition(":")
-    found = []
-    for i in range(limit):
+    scrape(addr)
+    found = [addr]
+    for i in range(1, limit):
         candidate = f"{host}:{int(port) + i}"
         try:
-            with socket.create_connection((host.strip("[]"), int(port) + i), timeout=0.5):
-                found.append(candidate)
-        except OSError:
+            scrape(candidate)
+        except (OSError, NotSynproxy):
             break
+        found.append(candidate)
     return found
 
 

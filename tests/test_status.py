@@ -1,8 +1,29 @@
-"""`synproxy status`'s summary from two scrapes: rates where rates matter, the operator's next step."""
+"""`synproxy status`: the summary from two scrapes (rates where rates matter, the operator's next step),
+and which endpoints count as synproxy's workers."""
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry, start_http_server
+
+from synproxy import __version__
+from synproxy.metrics import SynproxyCollector
+from synproxy.shell import ShellStats
 from synproxy.status import Samples, summary
+
+from .test_engine import make_engine
+
+SYNPROXY = str(Path(sys.executable).parent / "synproxy")
 
 
 def scrape(syn: float, shed: float, syn_drops: float, traffic_drops: float = 0.0) -> Samples:
@@ -38,3 +59,87 @@ def test_quiet_proxy_and_lost_traffic() -> None:
     assert "shed            nothing" in text
     assert "syn queue       waiting 900, kernel drops 0/s (0 total)" in text
     assert "traffic queue   waiting 0, kernel drops 4/s (9 total): established traffic is being lost" in text
+
+
+class Html(BaseHTTPRequestHandler):
+    """Any web server that is not synproxy's exporter."""
+
+    def do_GET(self) -> None:  # noqa: N802
+        body = b"<html>hello</html>"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, fmt: str, *args: object) -> None:  # quiet
+        pass
+
+
+def status(addr: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([SYNPROXY, "status", "--metrics-addr", addr, "--interval", "0.2"], capture_output=True,
+                          text=True, env=os.environ, timeout=60)
+
+
+def serve(kind: str, port: int, tmp: Path) -> HTTPServer:
+    """'s': a synproxy exporter (the real collector) on `port`; 'h': an HTML page. OSError if the port is taken."""
+    if kind == "h":
+        html = ThreadingHTTPServer(("127.0.0.1", port), Html)
+        threading.Thread(target=html.serve_forever, daemon=True).start()
+        return html
+    proc = tmp / "nfnetlink_queue"
+    proc.write_text("")
+    registry = CollectorRegistry()
+    registry.register(SynproxyCollector(make_engine(), ShellStats(), {"traffic": 0, "syn": 1}, lambda now: 1.0,
+                                        proc_path=proc))
+    return start_http_server(port, "127.0.0.1", registry)[0]
+
+
+@contextmanager
+def endpoints(kinds: str, tmp: Path) -> Iterator[int]:
+    """One server per letter of `kinds` (see serve) on consecutive ports of 127.0.0.1; yields the first."""
+    for _ in range(20):
+        with socket.socket() as free:
+            free.bind(("127.0.0.1", 0))
+            first = free.getsockname()[1]
+        servers: list[HTTPServer] = []
+        try:
+            for port, kind in enumerate(kinds, first):
+                servers.append(serve(kind, port, tmp))
+            yield first
+            return
+        except OSError:
+            if len(servers) == len(kinds):
+                raise  # not a port taken: the test's own
+        finally:
+            for server in servers:
+                server.shutdown()
+                server.server_close()
+    raise RuntimeError(f"no {len(kinds)} consecutive free ports on 127.0.0.1")
+
+
+def test_status_of_something_else_is_one_line(tmp_path: Path) -> None:
+    with endpoints("h", tmp_path) as port:
+        res = status(f"127.0.0.1:{port}")
+    assert res.returncode == 1 and res.stdout == "", res
+    assert res.stderr == (f"synproxy: 127.0.0.1:{port} is not a synproxy metrics endpoint: "
+                          "its /metrics is not Prometheus text\n"), res.stderr
+
+
+def test_status_with_nothing_there_is_one_line() -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # bound, not listening
+        addr = f"127.0.0.1:{closed.getsockname()[1]}"
+        res = status(addr)
+    assert res.returncode == 1
+    assert res.stderr == (f"synproxy: no synproxy metrics at {addr}: "
+                          "is `synproxy run` running with that --metrics-addr?\n"), res.stderr
+
+
+@pytest.mark.parametrize("kinds, workers", [("sh", 1), ("ssh", 2), ("s", 1)])
+def test_only_synproxy_exporters_count_as_workers(tmp_path: Path, kinds: str, workers: int) -> None:
+    """Workers serve PORT, PORT+1, ...; another service listening right after them is not one."""
+    with endpoints(kinds, tmp_path) as port:
+        res = status(f"127.0.0.1:{port}")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith(f"synproxy {__version__}: {workers} worker(s) answering\n"), res.stdout
