@@ -89,6 +89,18 @@ class ConfigGroup(click.Group):
             fail(f"log_level in {path} must be one of {', '.join(LOG_LEVELS)}, got {level!r}", 2)
         ctx.meta["synproxy.file_log_level"] = level
 
+    @staticmethod
+    def _file_value(ctx: click.Context, param: click.Parameter, key: str, value: Any, path: Path) -> Any:
+        """A file value, checked here so that an error names the file and key (click would blame
+        the environment variable); `port = 80` is taken as `port = [80]`."""
+        if param.multiple and not isinstance(value, list):
+            value = [value]
+        try:
+            param.type_cast_value(ctx, value)
+        except click.BadParameter as err:
+            fail(f"{key} = {value!r} in {path}: {err.message}", 2)
+        return value
+
     def _default_map(self, ctx: click.Context, data: dict[str, Any], path: Path) -> dict[str, Any]:
         """File keys (long option names, underscores) -> each command's parameter names."""
         known: set[str] = set()
@@ -101,7 +113,7 @@ class ConfigGroup(click.Group):
                 for opt in getattr(param, "opts", []):
                     key = opt.lstrip("-").replace("-", "_")
                     if key in data and param.name:
-                        out[param.name] = data[key]
+                        out[param.name] = self._file_value(ctx, param, key, data[key], path)
                         known.add(key)
             return out
 
@@ -324,7 +336,8 @@ def _rule_options(func: Any) -> Any:
                      help="Workers the rules feed: N traffic and N SYN queues, balanced by address "
                           "(--queue-balance); the config key `workers` sets it for run and rules alike."),
         click.option("--mode", type=click.Choice(["local", "gateway"]), default="local", show_default=True,
-                     envvar="SYNPROXY_MODE", show_envvar=True),
+                     envvar="SYNPROXY_MODE", show_envvar=True,
+                     help="local: the proxy runs on the server's host; gateway: on a router in front of it."),
         click.option("--mark", type=click.IntRange(1, 2**32 - 1), default=0x5350, show_default=True,
                      envvar="SYNPROXY_MARK", show_envvar=True, help="Mark of the proxy's own packets."),
         click.option("--queue-bypass", "bypass", is_flag=True, envvar="SYNPROXY_QUEUE_BYPASS", show_envvar=True,

@@ -60,6 +60,14 @@ def test_config_file_and_environment(tmp_path: Path) -> None:
     assert bad.returncode == 2 and bad.stderr.strip() == f"synproxy: unknown key(s) in {conf}: prot"
     missing = cli("--config", str(tmp_path / "nope.toml"), "run")
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+    conf.write_text("port = 8443\n")  # one port without a list is a list of one
+    assert "--dport 8443 " in cli("--config", str(conf), "rules", "install", "--dry-run", "--backend", "iptables").stdout
+    conf.write_text('port = [8443]\nqueue = "abc"\nwscale = 15\n')
+    bad = cli("--config", str(conf), "rules", "install", "--dry-run")  # the file's key is named, not an env var
+    assert bad.returncode == 2 and bad.stderr == f"synproxy: queue = 'abc' in {conf}: 'abc' is not a valid integer range.\n"
+    conf.write_text('port = [8443]\nwscale = 15\n')
+    bad = cli("--config", str(conf), "run")
+    assert bad.returncode == 2 and bad.stderr == f"synproxy: wscale = 15 in {conf}: 15 is outside 0..14\n"
 
 
 def test_not_root_is_one_clear_line() -> None:
