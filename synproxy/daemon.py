@@ -200,8 +200,14 @@ def serve_queue(
             log.info("queue %d stopped; %d connections were open", queue, len(engine.conns))
 
 
-def _worker_main(opts: RunOptions, index: int, report: multiprocessing.connection.Connection) -> None:
-    """A supervised worker: it reports None once serving, or why it could not start."""
+def _worker_main(opts: RunOptions, index: int, report: multiprocessing.connection.Connection,
+                 awaited: bool = False) -> None:
+    """A supervised worker: it reports None once serving, or why it could not start.
+
+    While the supervisor awaits its start (`awaited`, the first start) the supervisor prints
+    why it could not, once; otherwise (a restart, or later) nobody reads the report and the
+    worker logs the reason itself.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides; it sends SIGTERM
     # Not the supervisor's handler, inherited by the fork: a SIGTERM before the worker serves
     # (the supervisor giving up its start) must end it; the shell installs its own when serving.
@@ -214,11 +220,20 @@ def _worker_main(opts: RunOptions, index: int, report: multiprocessing.connectio
         except OSError:  # the supervisor stopped listening: it is going away and will say so
             pass
 
+    serving = False
+
+    def on_ready() -> None:
+        nonlocal serving
+        serving = True
+        tell(None)
+
     try:
-        serve_queue(opts, install_rules=False, index=index, on_ready=lambda: tell(None))
+        serve_queue(opts, install_rules=False, index=index, on_ready=on_ready)
     except (ShellError, KeyFileError, OSError) as err:
-        log.error("worker %d: %s", index, err)
-        tell(str(err))  # read only while the supervisor still waits for this worker to start
+        if awaited and not serving:
+            tell(str(err))
+        else:
+            log.error("worker %d: %s", index, err)
         sys.exit(1)
 
 
@@ -237,10 +252,11 @@ class Supervisor:
         self.delay: dict[int, float] = {}
         self.stopping = False
 
-    def start(self, i: int) -> None:
+    def start(self, i: int, awaited: bool = False) -> None:
+        """Start worker i; `awaited`: await_ready() will read (and say) why it could not start."""
         receive, send = self.ctx.Pipe(duplex=False)
-        proc = self.ctx.Process(target=_worker_main, args=(self.opts, i, send), name=f"synproxy-worker-{i}",
-                                daemon=False)
+        proc = self.ctx.Process(target=_worker_main, args=(self.opts, i, send, awaited),
+                                name=f"synproxy-worker-{i}", daemon=False)
         proc.start()
         send.close()  # the worker holds the other copy: its exit reads as EOF here
         old = self.reports.pop(i, None)
@@ -314,7 +330,7 @@ def supervise(opts: RunOptions) -> None:
     backend = None
     try:
         for i in range(opts.workers):
-            sup.start(i)
+            sup.start(i, awaited=True)
         sup.await_ready()  # no traffic is sent to a queue before its worker reads it
         if opts.install_rules and not sup.stopping:
             cfg, chosen = _rule_config(opts), _backend(opts)

@@ -76,6 +76,7 @@ def test_worker_that_cannot_bind_is_one_line_and_a_failed_start(lab: Lab, tmp_pa
     assert time.monotonic() - began < 10
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("synproxy: worker 1 could not start: cannot bind NFQUEUE"), res.stderr
+    assert res.stderr.count("cannot bind") == 1, res.stderr  # said once, not also in the worker's log
     assert "Traceback" not in res.stderr
     assert not synproxy_rules_in(lab, "server")
     notify_socket.settimeout(0.2)
