@@ -45,6 +45,11 @@ class Phase:
     syn_recv_max: int = 0
     syns_answered: int | None = None
     flood_seconds: float = 0.0
+    flood_sent: int = 0  # packets the attacker's interface sent: hping3's pacing is coarse
+
+    @property
+    def flood_rate(self) -> str:
+        return f"{self.flood_sent / self.flood_seconds:,.0f}" if self.flood_seconds else "-"
 
     @property
     def success(self) -> str:
@@ -116,9 +121,10 @@ class Demo:
         result = Phase(name)
         before = self._answered(metrics_url)
         interval = "u1" if self.rate <= 0 else f"u{max(1, 1_000_000 // self.rate)}"
-        shown = "as fast as hping3 can" if self.rate <= 0 else f"at {self.rate:,} SYN/s"
+        shown = "as fast as hping3 can" if self.rate <= 0 else f"paced for {self.rate:,} SYN/s"
         self.echo(f"[{name}] the attacker floods the server with spoofed SYNs {shown} for {self.seconds:.0f} s; "
                   "the client connects every 100 ms (3 s timeout each)")
+        sent0 = self._sent(lab)
         flood = lab.popen("client2", [
             "timeout", str(self.seconds), "hping3", "-q", "-S", "-p", str(PORT), "--rand-source",
             "-i", interval, "-c", str(FLOOD_MAX_PACKETS), lab.addr("server"),
@@ -148,6 +154,7 @@ class Demo:
                 break
         flood.wait()
         result.flood_seconds = time.monotonic() - start
+        result.flood_sent = self._sent(lab) - sent0
         result.attempts = len(lines)
         result.ok = sum(1 for d in lines if d["ok"])
         result.latencies_ms = [float(d["connect_ms"]) for d in lines if d["ok"]]  # type: ignore[arg-type]
@@ -161,6 +168,10 @@ class Demo:
         deadline = time.monotonic() + 15
         while self._syn_recv(lab) and time.monotonic() < deadline:
             time.sleep(0.5)
+
+    def _sent(self, lab: Lab) -> int:
+        """Packets the attacker's host has sent (its only traffic is the flood)."""
+        return int(lab.run("client2", ["cat", "/sys/class/net/eth0/statistics/tx_packets"]).stdout)
 
     def _syn_recv(self, lab: Lab) -> int:
         out = lab.run("server", ["ss", "-Htan", "state", "syn-recv"], check=False).stdout
@@ -179,6 +190,7 @@ class Demo:
 
     def summary(self, plain: Phase, guarded: Phase) -> None:
         rows = [
+            ("spoofed SYNs sent per second", plain.flood_rate, guarded.flood_rate),
             ("legitimate connections", plain.success, guarded.success),
             ("connect p50 (ms)", plain.pct(0.5), guarded.pct(0.5)),
             ("connect p99 (ms)", plain.pct(0.99), guarded.pct(0.99)),

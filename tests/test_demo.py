@@ -39,5 +39,7 @@ def test_demo_short() -> None:
     plain_ok, plain_all, guarded_ok, guarded_all = map(int, m.groups())
     assert guarded_all >= 20 and guarded_ok >= 0.9 * guarded_all, out
     assert plain_ok < guarded_ok, out
+    sent = re.search(r"spoofed SYNs sent per second\s+([\d,]+)\s+([\d,]+)", out)
+    assert sent and all(int(x.replace(",", "")) > 1000 for x in sent.groups()), out  # what was sent, not the setting
     assert "metrics: http://" in out
     assert not _orphans(before)
