@@ -74,6 +74,21 @@ def test_per_source_established_cap_holds_and_others_served() -> None:
     assert eng.established == 4
 
 
+def test_established_caps_count_connections_still_pending() -> None:
+    """Each pending connection becomes established once the server answers: counted apart, a source
+    at the cap with handshakes in flight ended above it (4,108 under a cap of 4,096 in a soak run)."""
+    eng = make_engine(limits=LimitsConfig(max_established_per_source=3, synack_rate_per_source=0))
+    establish(eng, flow_from("198.18.0.66", 2000))
+    open_pending(eng, flow_from("198.18.0.66", 2001))
+    open_pending(eng, flow_from("198.18.0.66", 2002))
+    assert (eng.established, eng.pending) == (1, 2)
+    assert eng.handle(flow_from("198.18.0.66", 2003).syn(), C2S, T0) == [Drop("shed_per_source_established")]
+    glob = make_engine(limits=LimitsConfig(max_established=2, synack_rate_per_source=0))
+    establish(glob, flow_from("198.18.0.1", 1))
+    open_pending(glob, flow_from("198.18.0.2", 2))
+    assert glob.handle(flow_from("198.18.0.3", 3).syn(), C2S, T0) == [Drop("shed_global_established")]
+
+
 def test_prefix_24_groups_a_subnet() -> None:
     eng = make_engine(limits=LimitsConfig(max_pending_per_source=2, source_prefix_v4=24, synack_rate_per_source=0))
     open_pending(eng, flow_from("198.18.5.1", 1))
