@@ -85,6 +85,21 @@ Action = Accept | Drop | Send
 
 # The verdicts of the flood paths, made once.
 _SYN_ANSWERED = Drop("syn_answered")
+_BAD_SOURCE = Drop("bad_source")
+_V6_MAPPED = bytes(10) + b"\xff\xff"
+_V6_UNSPECIFIED, _V6_LOOPBACK = bytes(16), bytes(15) + b"\x01"
+
+
+def bad_source(family: int, src: bytes, dst: bytes) -> bool:
+    """A source no SYN-ACK may go to: one the kernel's routing would drop as martian (0/8,
+    127/8, multicast, 240/4 and broadcast; ::, ::1, ff00::/8, v4-mapped), or the destination
+    itself (a LAND attack). The queue rules run before routing, so such SYNs reach the proxy;
+    answered, they would send SYN-ACKs to multicast groups on the segment or back to itself."""
+    if family == 4:
+        first = src[0]
+        return first == 0 or first == 127 or first >= 224 or src == dst
+    return (src[0] == 0xFF or src == dst
+            or (src[0] == 0 and (src == _V6_UNSPECIFIED or src == _V6_LOOPBACK or src[:12] == _V6_MAPPED)))
 _COOKIE_INVALID = Drop("cookie_invalid")
 _SHED_DROPS = {shed: Drop(f"shed_{shed.value}") for shed in Shed}
 
@@ -462,6 +477,9 @@ class Engine:
         mss, wscale, sack_ok, tsval = opts
         stats = self.stats
         stats.syn_received += 1
+        if bad_source(family, src, dst):
+            stats.dropped["bad_source"] += 1
+            return [_BAD_SOURCE]
         limits = self.limits
         shed = limits.check_syn(limits.source_key(family, src), now)
         if shed is not None:

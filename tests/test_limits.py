@@ -130,6 +130,27 @@ def test_synack_rate_per_source_and_global() -> None:
     assert got.count(True) == 3 and glob.stats.shed["synack_rate_global"] == 3
 
 
+@pytest.mark.parametrize(("family", "source", "answered"), [
+    (4, "224.0.0.9", False), (4, "239.255.255.250", False), (4, "0.0.0.7", False), (4, "127.0.0.1", False),
+    (4, "240.0.0.1", False), (4, "255.255.255.255", False), (4, "198.18.1.2", False),  # the server itself: LAND
+    (4, "198.18.0.2", True), (4, "1.0.0.1", True), (4, "223.255.255.254", True), (4, "126.255.255.255", True),
+    (6, "ff02::1", False), (6, "::", False), (6, "::1", False), (6, "::ffff:198.18.0.2", False),
+    (6, "fd53:5059:1::2", False),  # the server itself
+    (6, "fd53:5059::2", True), (6, "2001:db8::1", True), (6, "::2", True), (6, "fe80::1", True),
+])
+def test_no_synack_to_a_source_the_kernel_would_call_martian(family: int, source: str, answered: bool) -> None:
+    """The queue rules run before routing, so SYNs from multicast, broadcast, loopback or the server's own
+    address reach the proxy; a spoofed flood has about 1/16 of its random sources in 224/4 and above."""
+    for fast in (True, False):  # the flood fast path (handle_raw) and the general one (handle)
+        eng = make_engine()
+        f = flow_from(source, 1234, family)
+        out = eng.handle_raw(f.syn().raw, T0) if fast else eng.handle(f.syn(), C2S, T0)
+        if answered:
+            assert sends(out, "synack")
+        else:
+            assert out == [Drop("bad_source")] and eng.stats.dropped["bad_source"] == 1
+
+
 def test_bucket_memory_is_fixed() -> None:
     b = TokenBuckets(1024, 1.0, 1.0)
     before = (len(b.tokens), len(b.stamp))
