@@ -534,7 +534,7 @@ def status(metrics_addr: str, interval: float) -> None:
     import time as _time
 
     from .metrics import parse_addr
-    from .status import NotSynproxy, scrape, summary, worker_addrs
+    from .status import NotSynproxy, label_workers, scrape, summary, worker_addrs
 
     try:
         parse_addr(metrics_addr)
@@ -547,17 +547,10 @@ def status(metrics_addr: str, interval: float) -> None:
     except OSError:
         fail(f"no synproxy metrics at {metrics_addr}: is `synproxy run` running with that --metrics-addr?")
 
-    def all_samples() -> dict[Any, float]:
-        merged: dict[Any, float] = {}
-        for i, addr in enumerate(addrs):
-            for (name, labels), value in scrape(addr).items():
-                merged[(name, labels + (("worker", str(i)),))] = value
-        return merged
-
     try:
-        before = all_samples()
+        before = label_workers([scrape(addr) for addr in addrs])
         _time.sleep(interval)
-        after = all_samples()
+        after = label_workers([scrape(addr) for addr in addrs])
     except (OSError, NotSynproxy) as err:
         fail(f"reading metrics failed: {err}")
     click.echo(summary(before, after, interval, len(addrs)))

@@ -79,15 +79,43 @@ def worker_addrs(addr: str, limit: int = 64) -> list[str]:
     return found
 
 
+def label_workers(per_worker: list[Samples]) -> Samples:
+    """The samples of all workers in one, each series labelled with its worker's index.
+
+    The label keeps the workers' series apart, so a counter reset in one is seen per series
+    (see increases) before anything is summed.
+    """
+    return {(name, labels + (("worker", str(i)),)): value
+            for i, samples in enumerate(per_worker) for (name, labels), value in samples.items()}
+
+
+def increases(before: Samples, after: Samples) -> Samples:
+    """How much each counter series (name ending in _total) grew between two scrapes.
+
+    Prometheus's reset rule, per series: a value below the one before means the counter
+    restarted from 0 (its worker restarted), so it grew by the value itself. The difference
+    went negative there: `status --interval 4` across a SIGKILL of one of two workers said
+    `SYNs -1,616/s`. A series new in `after` grew from 0. Gauges are left out.
+    """
+    out: Samples = {}
+    for key, now in after.items():
+        if key[0].endswith("_total"):
+            then = before.get(key, 0.0)
+            out[key] = now if now < then else now - then
+    return out
+
+
 def summary(before: Samples, after: Samples, seconds: float, workers: int) -> str:
     """A readable account of what the proxy did between two scrapes."""
+    grown = increases(before, after)
+
     def rate(name: str, **labels: str) -> float:
-        return (total(after, name, **labels) - total(before, name, **labels)) / seconds
+        return total(grown, name, **labels) / seconds
 
     def per_label(name: str, label: str) -> list[str]:
         """'value X/s (N total)' for each label value with a non-zero total."""
-        now, then = by_label(after, name, label), by_label(before, name, label)
-        return [f"{k} {(v - then.get(k, 0.0)) / seconds:,.0f}/s ({v:,.0f} total)" for k, v in sorted(now.items()) if v]
+        now, inc = by_label(after, name, label), by_label(grown, name, label)
+        return [f"{k} {inc.get(k, 0.0) / seconds:,.0f}/s ({v:,.0f} total)" for k, v in sorted(now.items()) if v]
 
     def queue(role: str) -> str:
         drops = rate("synproxy_nfqueue_dropped_total", queue=role)
