@@ -24,6 +24,13 @@ DEFAULT_CONFIG = Path("/etc/synproxy/synproxy.toml")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
+def log_format(worker: int | None = None) -> str:
+    """The log line format; a worker of several names itself: each logs the same events (a key
+    reload N times over), and the operator must tell which worker said what."""
+    who = "synproxy" if worker is None else f"synproxy worker {worker}"
+    return f"%(asctime)s {who} %(levelname)s %(message)s"
+
+
 def fail(message: str, code: int = 1) -> NoReturn:
     """One clear sentence for the operator and a non-zero exit."""
     click.echo(f"synproxy: {message}", err=True)
@@ -145,9 +152,7 @@ def main(config: str | None, log_level: str) -> None:
     ctx = click.get_current_context()
     if ctx.get_parameter_source("log_level") is ParameterSource.DEFAULT:
         log_level = ctx.meta.get("synproxy.file_log_level", log_level)
-    logging.basicConfig(
-        level=getattr(logging, log_level.upper()), format="%(asctime)s synproxy %(levelname)s %(message)s"
-    )
+    logging.basicConfig(level=getattr(logging, log_level.upper()), format=log_format())
 
 
 CAP_NET_ADMIN, CAP_NET_RAW = 12, 13

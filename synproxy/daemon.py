@@ -96,6 +96,15 @@ def _backend(opts: RunOptions):  # type: ignore[no-untyped-def]
     return rules.Backend(opts.rules_backend) if opts.rules_backend else rules.detect_backend()
 
 
+def name_worker_in_logs(index: int) -> None:
+    """This process's log lines say `synproxy worker INDEX` (all of them: every logger here
+    writes through the root's handlers), so N workers' identical lines can be told apart."""
+    from .cli import log_format
+
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(logging.Formatter(log_format(index)))
+
+
 def run(opts: RunOptions) -> None:
     """Serve until SIGTERM/SIGINT; rules are installed at start and removed on a clean exit.
 
@@ -104,6 +113,7 @@ def run(opts: RunOptions) -> None:
     """
     try:
         if opts.worker_index is not None:
+            name_worker_in_logs(opts.worker_index)  # one of several, each its own unit
             serve_queue(opts, install_rules=False, index=opts.worker_index, on_ready=_ready)
         elif opts.workers > 1:
             supervise(opts)
@@ -208,6 +218,7 @@ def _worker_main(opts: RunOptions, index: int, report: multiprocessing.connectio
     why it could not, once; otherwise (a restart, or later) nobody reads the report and the
     worker logs the reason itself.
     """
+    name_worker_in_logs(index)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides; it sends SIGTERM
     # Not the supervisor's handler, inherited by the fork: a SIGTERM before the worker serves
     # (the supervisor giving up its start) must end it; the shell installs its own when serving.
@@ -233,7 +244,7 @@ def _worker_main(opts: RunOptions, index: int, report: multiprocessing.connectio
         if awaited and not serving:
             tell(str(err))
         else:
-            log.error("worker %d: %s", index, err)
+            log.error("%s", err)  # the line names the worker
         sys.exit(1)
 
 

@@ -5,6 +5,7 @@ non-zero exit, with no rules left behind."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from synproxy.daemon import READY_LINE
 from synproxy.lab import Lab
 
 from .e2e import SYNPROXY, synproxy_rules_in
@@ -39,6 +41,12 @@ def start(lab: Lab, tmp_path: Path, sock: socket.socket, *extra: str) -> subproc
                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def serving_lines(out: str) -> dict[int, str]:
+    """The "serving ports ... on queue Q" log line of each traffic queue Q in `out`."""
+    found = (re.search(r"serving ports \S+ on queue (\d+),", line) for line in out.splitlines())
+    return {int(m[1]): m.string for m in found if m}
+
+
 def bound_queues(lab: Lab) -> set[int]:
     out = lab.run("server", ["cat", "/proc/net/netfilter/nfnetlink_queue"]).stdout
     return {int(line.split()[0]) for line in out.splitlines() if line.strip()}
@@ -60,6 +68,17 @@ def test_ready_once_bound_and_protected_stopping_on_the_way_out(lab: Lab, tmp_pa
     with pytest.raises(TimeoutError):  # one READY=1 for the service: the workers do not send their own
         print(notify_socket.recv(100))
     assert not synproxy_rules_in(lab, "server")
+    # Each of several workers names itself in its log lines (they log the same events); a single
+    # worker and the supervisor do not claim to be one.
+    out = proc.stdout.read() if proc.stdout else ""
+    assert set(serving_lines(out)) == {QUEUE + i for i in range(workers)}, out
+    for line in out.splitlines():
+        worker = re.search(r"on queue (\d+), SYNs|queue (\d+) stopped;", line)
+        if worker and workers > 1:
+            assert f" synproxy worker {int(worker[1] or worker[2]) - QUEUE} INFO " in line, out
+        else:  # the supervisor's, or the single worker's
+            assert " synproxy INFO " in line, out
+    assert f" synproxy INFO {READY_LINE}" in out, out
 
 
 def test_worker_that_cannot_bind_is_one_line_and_a_failed_start(lab: Lab, tmp_path: Path,
@@ -82,4 +101,7 @@ def test_worker_that_cannot_bind_is_one_line_and_a_failed_start(lab: Lab, tmp_pa
     notify_socket.settimeout(0.2)
     assert notify_socket.recv(100) == b"STOPPING=1"  # never READY=1
     squatter.send_signal(signal.SIGTERM)
-    squatter.wait(20)
+    out, _ = squatter.communicate(timeout=20)
+    # --worker-index 0 (one unit per worker) names itself, READY_LINE included
+    assert " synproxy worker 0 INFO " in serving_lines(out)[QUEUE + 1], out
+    assert any(f" synproxy worker 0 INFO {READY_LINE}" in line for line in out.splitlines()), out
