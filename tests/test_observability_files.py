@@ -481,7 +481,9 @@ class FloodSimulation:
         refused = self._flow(bytes((192, 0, 2, 250)))
         self._validated_only(refused)
         eng.handle(refused.s(0, refused.client_isn + 1, RST | ACK), S2C, now)
-        self._validated_only(self._flow(bytes((192, 0, 2, 251))))  # the server stays silent: timeout
+        # The server stays silent: a timeout. A source per batch: the pending connections of earlier
+        # batches count against max_established_per_source until they time out.
+        self._validated_only(self._flow(bytes((198, 51, 100, self.n % 250 + 1))))
         self.now += 1.0
         eng.handle_timer(self.now)  # SYN retries, then the silent server's timeout
         self.shell.packets += 360
