@@ -140,7 +140,7 @@ def test_synack_rate_per_source_and_global() -> None:
 ])
 def test_no_synack_to_a_source_the_kernel_would_call_martian(family: int, source: str, answered: bool) -> None:
     """The queue rules run before routing, so SYNs from multicast, broadcast, loopback or the server's own
-    address reach the proxy; a spoofed flood has about 1/16 of its random sources in 224/4 and above."""
+    address reach the proxy; a random-source flood has about 1/8 of its sources at 224.0.0.0 and above."""
     for fast in (True, False):  # the flood fast path (handle_raw) and the general one (handle)
         eng = make_engine()
         f = flow_from(source, 1234, family)
