@@ -86,18 +86,19 @@ Action = Accept | Drop | Send
 # The verdicts of the flood paths, made once.
 _SYN_ANSWERED = Drop("syn_answered")
 _BAD_SOURCE = Drop("bad_source")
+_V4_BROADCAST = b"\xff\xff\xff\xff"
 _V6_MAPPED = bytes(10) + b"\xff\xff"
 _V6_UNSPECIFIED, _V6_LOOPBACK = bytes(16), bytes(15) + b"\x01"
 
 
 def bad_source(family: int, src: bytes, dst: bytes) -> bool:
     """A source no SYN-ACK may go to: one the kernel's routing would drop as martian (0/8,
-    127/8, multicast, 240/4 and broadcast; ::, ::1, ff00::/8, v4-mapped), or the destination
+    127/8, 224/4 and 255.255.255.255, as ip_route_input_slow; ::, ::1, ff00::/8, v4-mapped), or the destination
     itself (a LAND attack). The queue rules run before routing, so such SYNs reach the proxy;
     answered, they would send SYN-ACKs to multicast groups on the segment or back to itself."""
     if family == 4:
         first = src[0]
-        return first == 0 or first == 127 or first >= 224 or src == dst
+        return first == 0 or first == 127 or 224 <= first < 240 or src == _V4_BROADCAST or src == dst
     return (src[0] == 0xFF or src == dst
             or (src[0] == 0 and (src == _V6_UNSPECIFIED or src == _V6_LOOPBACK or src[:12] == _V6_MAPPED)))
 _COOKIE_INVALID = Drop("cookie_invalid")
