@@ -56,6 +56,21 @@ class AutoOrInt(click.ParamType):
         return number
 
 
+class Mark(click.ParamType):
+    """A packet mark, 1..2**32-1, in decimal or 0x hex (the README and the rules show 0x5350)."""
+
+    name = "MARK"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        try:
+            number = value if isinstance(value, int) else int(str(value), 0)
+        except ValueError:
+            self.fail(f"{value!r} is not a number (decimal, or hex as 0x5350)", param, ctx)
+        if not 0 < number < 2**32:
+            self.fail(f"{value} is outside 1..0xffffffff", param, ctx)
+        return number
+
+
 def load_config(path: Path, explicit: bool) -> dict[str, Any]:
     """The config file as a click default_map; a missing default file is fine."""
     if not path.exists():
@@ -229,7 +244,7 @@ def _limit_options(func: Any) -> Any:
               show_envvar=True, help="Cookie key file shared by all workers (created 0600 if missing).")
 @click.option("--metrics-addr", default="127.0.0.1:9531", show_default=True, envvar="SYNPROXY_METRICS_ADDR",
               show_envvar=True, help="HOST:PORT of the Prometheus exporter ('off' disables); worker i uses PORT+i.")
-@click.option("--mark", type=click.IntRange(1, 2**32 - 1), default=0x5350, show_default=True, envvar="SYNPROXY_MARK",
+@click.option("--mark", type=Mark(), default=0x5350, show_default="0x5350", envvar="SYNPROXY_MARK",
               show_envvar=True, help="Mark of the proxy's own packets, which the rules let pass; the same as "
                                      "`rules install --mark` when the rules are installed separately.")
 @click.option("--rules/--no-rules", "install_rules", default=True, show_default=True, envvar="SYNPROXY_RULES",
@@ -343,7 +358,7 @@ def _rule_options(func: Any) -> Any:
         click.option("--mode", type=click.Choice(["local", "gateway"]), default="local", show_default=True,
                      envvar="SYNPROXY_MODE", show_envvar=True,
                      help="local: the proxy runs on the server's host; gateway: on a router in front of it."),
-        click.option("--mark", type=click.IntRange(1, 2**32 - 1), default=0x5350, show_default=True,
+        click.option("--mark", type=Mark(), default=0x5350, show_default="0x5350",
                      envvar="SYNPROXY_MARK", show_envvar=True, help="Mark of the proxy's own packets."),
         click.option("--queue-bypass", "bypass", is_flag=True, envvar="SYNPROXY_QUEUE_BYPASS", show_envvar=True,
                      help="Fail open: pass traffic unprotected when no proxy is bound (see README)."),

@@ -60,6 +60,8 @@ def test_config_file_and_environment(tmp_path: Path) -> None:
     assert bad.returncode == 2 and bad.stderr.strip() == f"synproxy: unknown key(s) in {conf}: prot"
     missing = cli("--config", str(tmp_path / "nope.toml"), "run")
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+    hex_mark = cli("rules", "install", "--dry-run", "--backend", "iptables", "--port", "80", "--mark", "0x7").stdout
+    assert "--mark 0x7 " in hex_mark  # the mark as the README writes it, in hex
     conf.write_text("port = 8443\n")  # one port without a list is a list of one
     assert "--dport 8443 " in cli("--config", str(conf), "rules", "install", "--dry-run", "--backend", "iptables").stdout
     conf.write_text('port = [8443]\nqueue = "abc"\nwscale = 15\n')
@@ -81,7 +83,9 @@ def test_bad_values_are_one_line_errors() -> None:
     for args, needle in ((["run", "--port", "8080", "--wscale", "15"], "15 is outside 0..14"),
                          (["run", "--port", "8080", "--metrics-addr", "nohostport"], "metrics address must be HOST:PORT"),
                          (["run", "--port", "8080", "--source-prefix-v4", "40"], "40"),
-                         (["probe", "localhost"], "HOST:PORT")):
+                         (["probe", "localhost"], "HOST:PORT"),
+                         (["rules", "install", "--dry-run", "--port", "80", "--mark", "zz"], "not a number"),
+                         (["rules", "install", "--dry-run", "--port", "80", "--mark", "0"], "outside 1..0xffffffff")):
         res = cli(*args)
         assert res.returncode == 2 and needle in res.stderr, (args, res.stderr)
 
