@@ -519,11 +519,11 @@ def probe(target: str, timeout: float) -> None:
     """
     import socket as _socket
 
-    from .status import parse_target
+    from .metrics import parse_host_port
     from .status import probe as do_probe
 
     try:
-        host, port = parse_target(target)
+        host, port = parse_host_port(target, "probe target")
     except ValueError as err:
         fail(str(err), 2)
     try:

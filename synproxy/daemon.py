@@ -123,8 +123,18 @@ def run(opts: RunOptions) -> None:
         notify("STOPPING=1")
 
 
-_OPERATOR_RULES = ("using the %s rules `synproxy rules install` put in place (config %s); "
-                   "they stay after synproxy stops")
+def _install_rules(opts: RunOptions, what: str):  # type: ignore[no-untyped-def]
+    """Install the rules once the queues are read; the backend whose rules this process must
+    remove on a clean stop, or None when they are the operator's (`synproxy rules install`)."""
+    from . import rules
+
+    cfg, backend = _rule_config(opts), _backend(opts)
+    if not rules.install_for_run(cfg, backend):
+        log.info("using the %s rules `synproxy rules install` put in place (config %s); "
+                 "they stay after synproxy stops", backend.value, cfg.fingerprint)
+        return None
+    log.info("installed %s rules %s(config %s)", backend.value, what, cfg.fingerprint)
+    return backend
 
 READY_LINE = "synproxy ready"  # logged once the service protects (or serves, with --no-rules)
 
@@ -187,12 +197,9 @@ def serve_queue(
         nonlocal serving
         serving = True
         if install_rules:
-            cfg, backend = _rule_config(opts), _backend(opts)
-            if rules.install_for_run(cfg, backend):
+            backend = _install_rules(opts, "")
+            if backend is not None:
                 installed.append(backend)
-                log.info("installed %s rules (config %s)", backend.value, cfg.fingerprint)
-            else:
-                log.info(_OPERATOR_RULES, backend.value, cfg.fingerprint)
         log.info(
             "synproxy %s serving ports %s on queue %d, SYNs on queue %d (%s mode), pid %d, key %s",
             __version__, ",".join(map(str, opts.ports)), queue, syn_queue, opts.mode, os.getpid(), keyring.key_id,
@@ -344,13 +351,7 @@ def supervise(opts: RunOptions) -> None:
             sup.start(i, awaited=True)
         sup.await_ready()  # no traffic is sent to a queue before its worker reads it
         if opts.install_rules and not sup.stopping:
-            cfg, chosen = _rule_config(opts), _backend(opts)
-            if rules.install_for_run(cfg, chosen):
-                backend = chosen
-                log.info("installed %s rules for queues %d-%d (config %s)", backend.value, opts.queue,
-                         opts.queue + 2 * opts.workers - 1, cfg.fingerprint)
-            else:
-                log.info(_OPERATOR_RULES, chosen.value, cfg.fingerprint)
+            backend = _install_rules(opts, f"for queues {opts.queue}-{opts.queue + 2 * opts.workers - 1} ")
         if not sup.stopping:
             log.info("synproxy %s supervising %d workers, pid %d", __version__, opts.workers, os.getpid())
             _ready()

@@ -159,8 +159,17 @@ def serve(registry: CollectorRegistry, addr: str) -> None:
 
 
 def parse_addr(addr: str) -> tuple[str, int]:
-    """'127.0.0.1:9531' or '[::1]:9531' -> (host, port); ValueError with a clear text otherwise."""
-    host, sep, port = addr.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"metrics address must be HOST:PORT, got {addr!r}")
-    return host.strip("[]") or "127.0.0.1", int(port)
+    """A metrics address: '127.0.0.1:9531', '[::1]:9531' or ':9531' (127.0.0.1) -> (host, port)."""
+    return parse_host_port(addr, "metrics address", default_host="127.0.0.1")
+
+
+def parse_host_port(text: str, what: str, default_host: str | None = None) -> tuple[str, int]:
+    """'192.0.2.7:443', 'example.org:443' or '[2001:db8::7]:443' -> (host, port); ValueError naming
+    `what` otherwise. An IPv6 address must be in brackets: in 'fd00::2:80' the port cannot be told
+    from the address. An empty host is `default_host`, where there is one."""
+    host, sep, port = text.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    bare = (host[1:-1] if bracketed else host) or default_host
+    if not sep or not bare or (":" in host and not bracketed) or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{what} must be HOST:PORT (IPv6: [ADDR]:PORT), got {text!r}")
+    return bare, int(port)

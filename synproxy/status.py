@@ -165,19 +165,6 @@ class ProbeResult:
     connect_ms: float
 
 
-def parse_target(target: str) -> tuple[str, int]:
-    """'192.0.2.7:443', 'example.org:443' or '[2001:db8::7]:443' -> (host, port).
-
-    An IPv6 address must be in brackets: in 'fd00::2:80' the port cannot be told from the address.
-    """
-    host, sep, port = target.rpartition(":")
-    bracketed = host.startswith("[") and host.endswith("]")
-    bare = host[1:-1] if bracketed else host
-    if not sep or not bare or (":" in host and not bracketed) or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"probe target must be HOST:PORT (IPv6: [ADDR]:PORT), got {target!r}")
-    return bare, int(port)
-
-
 def announced_mss(sock: socket.socket) -> int | None:
     """The MSS option of the peer's SYN-ACK, or None when repair mode is refused (no CAP_NET_ADMIN).
 

@@ -192,6 +192,12 @@ def plain_addr(addr: str) -> str:
 
 
 
+def bound_queues(lab: Lab, host: str = "server") -> set[int]:
+    """The NFQUEUE numbers bound in `host`'s namespace (read there: /proc/net is per namespace)."""
+    out = lab.run(host, ["cat", "/proc/net/netfilter/nfnetlink_queue"]).stdout
+    return {int(line.split()[0]) for line in out.splitlines() if line.strip()}
+
+
 def synproxy_rules_in(lab: Lab, host: str) -> bool:
     """Whether synproxy's rules are installed in `host`: its iptables chains or its nft table."""
     ipt = lab.run(host, ["iptables-save", "-t", "raw"]).stdout

@@ -14,7 +14,7 @@ import pytest
 
 from synproxy.lab import Lab
 
-from .e2e import SERVER_PORT, SINK_PORT, SYNPROXY, proxied, synproxy_rules_in
+from .e2e import SERVER_PORT, SINK_PORT, SYNPROXY, bound_queues, proxied, synproxy_rules_in
 
 pytestmark = pytest.mark.e2e
 
@@ -24,11 +24,6 @@ QUEUE = 1500 + os.getpid() % 500
 def run_args(tmp_path: Path, *extra: str) -> list[str]:
     return [SYNPROXY, "run", "--port", "8080", "--queue", str(QUEUE), "--metrics-addr", "off",
             "--key-file", str(tmp_path / "cookie.key"), *extra]
-
-
-def bound_queues(lab: Lab) -> set[int]:
-    out = lab.run("server", ["cat", "/proc/net/netfilter/nfnetlink_queue"]).stdout
-    return {int(line.split()[0]) for line in out.splitlines() if line.strip()}
 
 
 @pytest.mark.parametrize(("extra", "needle"), [

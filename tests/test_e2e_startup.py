@@ -18,7 +18,7 @@ import pytest
 from synproxy.daemon import READY_LINE
 from synproxy.lab import Lab
 
-from .e2e import SYNPROXY, synproxy_rules_in
+from .e2e import SYNPROXY, bound_queues, synproxy_rules_in
 
 pytestmark = pytest.mark.e2e
 
@@ -45,11 +45,6 @@ def serving_lines(out: str) -> dict[int, str]:
     """The "serving ports ... on queue Q" log line of each traffic queue Q in `out`."""
     found = (re.search(r"serving ports \S+ on queue (\d+),", line) for line in out.splitlines())
     return {int(m[1]): m.string for m in found if m}
-
-
-def bound_queues(lab: Lab) -> set[int]:
-    out = lab.run("server", ["cat", "/proc/net/netfilter/nfnetlink_queue"]).stdout
-    return {int(line.split()[0]) for line in out.splitlines() if line.strip()}
 
 
 @pytest.mark.parametrize("workers", [1, 2])

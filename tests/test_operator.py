@@ -84,6 +84,7 @@ def test_bad_values_are_one_line_errors() -> None:
                          (["run", "--port", "8080", "--metrics-addr", "nohostport"], "metrics address must be HOST:PORT"),
                          (["run", "--port", "8080", "--source-prefix-v4", "40"], "40"),
                          (["probe", "localhost"], "HOST:PORT"),
+                         (["run", "--port", "8080", "--metrics-addr", "fd00::1:9531"], "(IPv6: [ADDR]:PORT)"),
                          (["rules", "install", "--dry-run", "--port", "80", "--mark", "zz"], "not a number"),
                          (["rules", "install", "--dry-run", "--port", "80", "--mark", "0"], "outside 1..0xffffffff")):
         res = cli(*args)
