@@ -248,7 +248,8 @@ def _limit_options(func: Any) -> Any:
               show_envvar=True, help="Mark of the proxy's own packets, which the rules let pass; the same as "
                                      "`rules install --mark` when the rules are installed separately.")
 @click.option("--rules/--no-rules", "install_rules", default=True, show_default=True, envvar="SYNPROXY_RULES",
-              show_envvar=True, help="Install the firewall rules at start and remove them on a clean stop.")
+              show_envvar=True, help="Install the firewall rules at start and remove them on a clean stop; rules "
+                                     "of the same configuration from `rules install` are used and left in place.")
 @click.option("--queue-bypass", is_flag=True, envvar="SYNPROXY_QUEUE_BYPASS", show_envvar=True,
               help="Fail open: traffic passes unprotected while no worker is bound or a queue is full (see README).")
 @click.option("--queue-binding", type=click.Choice(["netlink", "netfilterqueue"]), default="netlink",
@@ -270,7 +271,8 @@ def run(
     queue_binding: str,
     rules_backend: str | None, backend_timeout: float, idle_timeout: float, **limits: Any,
 ) -> None:
-    """Run the proxy until SIGTERM or Ctrl-C (rules installed at start, removed on a clean stop).
+    """Run the proxy until SIGTERM or Ctrl-C (rules installed at start, removed on a clean stop;
+    rules an operator installed with `rules install` stay).
 
     The rules go in once every worker has bound its queues; under systemd (Type=notify)
     the service is ready from then on.
