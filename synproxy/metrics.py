@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from prometheus_client.core import (
@@ -23,33 +22,8 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from . import __version__
 from .engine import Engine
 from .limits import Shed
+from .nfqueue import PROC_PATH, read_queue_status
 from .shell import LatencyHistogram, ShellStats
-
-NFQUEUE_PROC = Path("/proc/net/netfilter/nfnetlink_queue")
-
-
-@dataclass(frozen=True, slots=True)
-class QueueStatus:
-    """One line of /proc/net/netfilter/nfnetlink_queue."""
-
-    queue: int
-    waiting: int
-    dropped_queue_full: int
-    dropped_socket_full: int
-    total: int
-
-
-def read_queue_status(queue: int, path: Path = NFQUEUE_PROC) -> QueueStatus | None:
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        cols = line.split()
-        if len(cols) >= 8 and int(cols[0]) == queue:
-            return QueueStatus(queue, int(cols[2]), int(cols[5]), int(cols[6]), int(cols[7]))
-    return None
-
 
 def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
     return CounterMetricFamily(name, doc, value=value)
@@ -96,7 +70,7 @@ class SynproxyCollector(Collector):
         shell: ShellStats,
         queues: dict[str, int],
         key_age: Callable[[float], float],
-        proc_path: Path = NFQUEUE_PROC,
+        proc_path: Path = Path(PROC_PATH),
     ) -> None:
         self.engine = engine
         self.shell = shell

@@ -262,6 +262,11 @@ class NfQueue:
     DROPS_MAY_WAIT = 64  # plain drops held back for one write (flush(drops_may_wait=True))
 
     @property
+    def unanswered(self) -> int:
+        """Packets received and not yet given a verdict in a write."""
+        return self._unanswered
+
+    @property
     def drops_waiting(self) -> int:
         """Drop verdicts held back by `flush(drops_may_wait=True)`."""
         return len(self._drops)
@@ -315,6 +320,56 @@ class NfQueue:
         except OSError:
             pass
         self.sock.close()
+
+
+PROC_PATH = "/proc/net/netfilter/nfnetlink_queue"  # per network namespace
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStatus:
+    """One line of /proc/net/netfilter/nfnetlink_queue."""
+
+    queue: int
+    waiting: int  # held by the kernel: not yet read, or read and without a verdict
+    dropped_queue_full: int
+    dropped_socket_full: int
+    total: int
+
+
+def parse_queue_status(text: str, queue: int) -> QueueStatus | None:
+    for line in text.splitlines():
+        cols = line.split()
+        if len(cols) >= 8 and int(cols[0]) == queue:
+            return QueueStatus(queue, int(cols[2]), int(cols[5]), int(cols[6]), int(cols[7]))
+    return None
+
+
+def read_queue_status(queue: int, path: str | os.PathLike[str] = PROC_PATH) -> QueueStatus | None:
+    try:
+        with open(path) as f:
+            return parse_queue_status(f.read(), queue)
+    except OSError:
+        return None
+
+
+class QueueDepth:
+    """A queue's length from the kernel's own count, cheap enough to ask once per batch.
+
+    The file stays open (a read from offset 0 gives fresh figures each time) and
+    describes the network namespace this process was in when it opened it.
+    """
+
+    def __init__(self, queue_num: int, path: str = PROC_PATH) -> None:
+        self.queue_num = queue_num
+        self._fd = os.open(path, os.O_RDONLY)
+
+    def waiting(self) -> int:
+        """Packets the kernel holds for the queue, those read without a verdict included."""
+        status = parse_queue_status(os.pread(self._fd, 1 << 16, 0).decode(), self.queue_num)
+        return 0 if status is None else status.waiting
+
+    def close(self) -> None:
+        os.close(self._fd)
 
 
 def _verdict_message(res_id: int, mtype: int, verdict_be: int, handle: int, payload: bytes | None = None) -> bytes:
