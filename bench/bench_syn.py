@@ -3,7 +3,8 @@
     .venv/bin/python bench/bench_syn.py [--n 50000]
 
 Per SYN: parse + rate-limit check + cookie + SYN-ACK build with checksums
-(engine.handle_raw), each SYN from another source address as in a spoofed flood.
+(engine.handle_raw), each SYN from another source address as in a spoofed flood; and
+a SYN shed while the proxy is behind (Engine.overloaded: its key and the retry memory).
 Per ACK: parse + exact cookie validation, with the result discarded so no state
 accumulates (a bogus ACK: the cost an ACK flood imposes; and a valid one).
 Per data packet: parse + translation of an established connection.
@@ -16,7 +17,7 @@ import time
 
 from synproxy import packet as P
 from synproxy.cookie import CookieMaker
-from synproxy.engine import Accept, Engine, EngineConfig
+from synproxy.engine import Accept, Drop, Engine, EngineConfig
 from synproxy.keys import KeyRing
 from synproxy.packet import ACK, PSH, SYN, TcpOptions
 
@@ -53,6 +54,15 @@ def main() -> None:
         ]
         rows.append((f"IPv{family} SYN -> SYN-ACK (parse+cookie+build)",
                      per_call_us(lambda i: eng.handle_raw(syns[i % 1000], NOW), n)))
+        # Beyond capacity: a first attempt shed and remembered (each SYN another source and ISN).
+        shed_eng = Engine(EngineConfig(ports=frozenset({80})), CookieMaker(ring))
+        shed_eng.overloaded = True
+        floods = [P.build(family, source(i), s, 1024 + i % 60000, 80, i * 7919 + 13, 0, SYN, 64240,
+                          TcpOptions(mss=1460, wscale=7, sack_ok=True, ts=(i, 0))) for i in range(5 * n + 1)]
+        assert shed_eng.handle_raw(floods.pop(), NOW)[0] == Drop("shed_overload")
+        fresh = iter(floods)  # every round new SYNs: a repeat would be answered as a retransmission
+        rows.append((f"IPv{family} SYN shed while behind (key+retry memory)",
+                     per_call_us(lambda i: shed_eng.handle_raw(next(fresh), NOW), n)))
         bogus = [P.build(family, c, s, 1024 + i, 80, i * 7919 + 1, 12345, ACK, 500, TcpOptions(ts=(i, 1)))
                  for i in range(1000)]
         rows.append((f"IPv{family} bogus ACK rejected (parse+check)",

@@ -5,7 +5,9 @@ direction and the current time, executes the returned actions (a verdict for
 the packet, packets to send) and calls `handle_timer(now)` at `next_deadline()`.
 
 Life of a connection:
-  SYN (client)           -> SYN-ACK whose ISN is a cookie; nothing is stored.
+  SYN (client)           -> SYN-ACK whose ISN is a cookie; nothing is stored. (While
+                            the shell says `overloaded`: only a retransmission is answered;
+                            a first attempt is shed, its key set in a fixed bitmap.)
   ACK/data (client)      -> cookie checked exactly; state PENDING; SYN to the server
                             with the client's ISN and decoded options; data held.
   SYN-ACK (server)       -> ACK to the server, held data released, a window update to
@@ -27,7 +29,7 @@ from typing import ClassVar
 
 from . import packet as P
 from .cookie import CookieMaker, CookieMatch, CookieOptions
-from .limits import Limits, LimitsConfig, Shed
+from .limits import Limits, LimitsConfig, RetryMemory, Shed
 from .packet import ACK, FIN, RST, SYN, Packet, PacketError, TcpOptions
 
 U32 = 0xFFFFFFFF
@@ -103,6 +105,7 @@ def bad_source(family: int, src: bytes, dst: bytes) -> bool:
             or (src[0] == 0 and (src == _V6_UNSPECIFIED or src == _V6_LOOPBACK or src[:12] == _V6_MAPPED)))
 _COOKIE_INVALID = Drop("cookie_invalid")
 _SHED_DROPS = {shed: Drop(f"shed_{shed.value}") for shed in Shed}
+_SHED_OVERLOAD = _SHED_DROPS[Shed.OVERLOAD]
 
 
 # ---------------------------------------------------------------- config and state
@@ -340,6 +343,7 @@ class Stats:
     closed: Counter[str] = field(default_factory=Counter)  # fin/rst/idle
     shed: Counter[str] = field(default_factory=Counter)  # caps and rate limits
     evicted: Counter[str] = field(default_factory=Counter)  # bounded tables
+    retries_answered: int = 0  # SYNs handled under overload because they repeated a shed one
 
 
 # ---------------------------------------------------------------- the engine
@@ -370,6 +374,11 @@ class Engine:
         self._sweep_at = 0.0
         self._ticks_per_second = IDLE_TICKS / config.idle_timeout
         self._shapes: dict[Shape, Shape] = {}
+        # An input, like `now`: the shell sets it for a batch of SYNs that found the queue
+        # longer than the proxy keeps up with. Then a SYN is answered only if it repeats
+        # one shed earlier (a retransmission); others are shed and remembered (RetryMemory).
+        self.overloaded = False
+        self.retries = RetryMemory()
         # IPv6 headers are 20 bytes longer: the same link gives a 20 bytes smaller MSS.
         d = config.default_profile
         self._default_v6 = BackendProfile(d.mss - 20, d.wscale, d.sack_ok, d.ts_ok, d.window)
@@ -398,7 +407,16 @@ class Engine:
 
         With `fast_paths` (the default) a packet whose headers P.peek can read
         goes through `_handle_peeked`: the same actions and counts, less work.
+        While `overloaded`, a SYN seen for the first time is shed before all that.
         """
+        if self.overloaded:  # before any other work: shedding must cost far less than answering
+            key = P.syn_key(data)
+            if key is not None:
+                if not self.retries.seen_again(key, now):
+                    self.stats.syn_received += 1
+                    self.stats.shed["overload"] += 1
+                    return [_SHED_OVERLOAD]
+                self.stats.retries_answered += 1
         if self.fast_paths:
             head = P.peek(data)
             if head is not None:

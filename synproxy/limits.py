@@ -8,6 +8,9 @@ The SYN-ACK token buckets live in a fixed array indexed by a keyed hash of the
 source prefix: memory is the same whatever the flood, and no state is created
 per unvalidated SYN. Two prefixes that share a bucket share its rate, which
 only ever makes the limit stricter for them.
+
+Beyond capacity, RetryMemory (two fixed bitmaps) remembers the first attempts the
+proxy shed so that their retransmissions are answered first.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ class Shed(Enum):
     GLOBAL_ESTABLISHED = "global_established"
     SYNACK_RATE_SOURCE = "synack_rate_source"
     SYNACK_RATE_GLOBAL = "synack_rate_global"
+    OVERLOAD = "overload"  # more SYNs than the proxy can answer: a first attempt waits for its retransmission
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,3 +217,49 @@ class Limits:
         else:
             self._dec(self.established_by_source, source)
             self.established -= 1
+
+
+class RetryMemory:
+    """Which shed SYNs were seen lately, so their retransmission is answered first.
+
+    When SYNs arrive faster than the proxy can answer them, some must go unanswered;
+    the kernel would drop the queue's overflow at random, real clients and spoofed
+    sources alike. Spoofed SYNs are not retransmitted; a real client's SYN is, with
+    the same addresses, ports and ISN, one retransmission timeout later (1 s on
+    Linux). So under overload the proxy sheds first attempts itself and remembers
+    them here; a SYN found here is a retransmission and is answered.
+
+    Two generations of a fixed bitmap (a one-hash Bloom filter keyed by Python's
+    per-process SipHash): a SYN is remembered for GENERATION to twice that, memory is
+    at most 2 x BITS / 8 bytes however many SYNs are shed, and nothing at all is
+    allocated until the proxy first sheds. A false positive answers a spoofed SYN,
+    as the proxy would without the overload.
+    """
+
+    BITS = 1 << 23  # 1 MiB a generation: ~1% false positives at 85,000 shed SYNs a generation
+    GENERATION = 4.0  # seconds: Linux retransmits a SYN at 1, 3 and 7 s; others at 3 s
+
+    def __init__(self) -> None:
+        self._mask = self.BITS - 1
+        self._current: bytearray | None = None
+        self._previous: bytearray | None = None
+        self._rotate_at = 0.0
+
+    @property
+    def bytes_used(self) -> int:
+        return sum(len(g) for g in (self._current, self._previous) if g is not None)
+
+    def seen_again(self, key: object, now: float) -> bool:
+        """True if this SYN was remembered (a retransmission); otherwise remember it."""
+        if now >= self._rotate_at:
+            self._previous, self._current = self._current, None
+            self._rotate_at = now + self.GENERATION
+        h = hash(key) & self._mask
+        i, bit = h >> 3, 1 << (h & 7)
+        current, previous = self._current, self._previous
+        if (current is not None and current[i] & bit) or (previous is not None and previous[i] & bit):
+            return True
+        if current is None:
+            current = self._current = bytearray(self.BITS >> 3)
+        current[i] |= bit
+        return False

@@ -222,3 +222,75 @@ def test_established_state_is_small(n: int) -> None:
     per_conn = sum(st.size_diff for st in snap1.compare_to(snap0, "filename")) / n
     print(f"{per_conn:.0f} bytes per established connection (incl. key, per-source counts, tables)")
     assert per_conn <= 300  # the flood issue's target; ~279 measured (~534 before the compaction)
+
+
+# ---------------------------------------------------------------- beyond capacity: retransmissions first
+
+
+def _syn_bytes(f: Flow, isn: int | None = None, tsval: int = 500) -> bytes:
+    return P.build(f.family, f.client, f.server, f.cport, 80, f.client_isn if isn is None else isn, 0, SYN, 64240,
+                   TcpOptions(mss=1460, wscale=7, sack_ok=True, ts=(tsval, 0)))
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_overloaded_engine_sheds_a_first_attempt_and_answers_its_retransmission(family: int) -> None:
+    eng = make_engine()
+    f = Flow(family=family)
+    eng.overloaded = True
+    assert eng.handle_raw(_syn_bytes(f), T0) == [Drop("shed_overload")]
+    assert eng.stats.shed["overload"] == 1 and eng.stats.syn_received == 1
+    # Another ISN on the same ports is another connection attempt: shed too.
+    assert eng.handle_raw(_syn_bytes(f, isn=f.client_isn + 1), T0 + 0.1) == [Drop("shed_overload")]
+    # The retransmission, 1 s later with a new timestamp: answered, with a cookie for that ISN.
+    out = eng.handle_raw(_syn_bytes(f, tsval=1500), T0 + 1)
+    synack = one(out, "synack")
+    assert synack.ack == f.client_isn + 1
+    assert eng.stats.retries_answered == 1 and eng.stats.shed["overload"] == 2
+    assert eng.conns == {}  # still nothing per SYN but the bitmap
+
+
+def test_not_overloaded_answers_everything_and_remembers_nothing() -> None:
+    eng = make_engine()
+    for i in range(100):
+        one(eng.handle_raw(_syn_bytes(flow_from(f"198.18.3.{i}", 1000 + i)), T0), "synack")
+    assert eng.retries.bytes_used == 0 and eng.stats.shed["overload"] == 0
+
+
+def test_overloaded_engine_handles_other_packets_as_ever() -> None:
+    """Only SYNs are shed: a client's cookie ACK completes its handshake while the proxy is behind."""
+    eng = make_engine()
+    f = Flow()
+    synack = one(eng.handle(f.syn(), C2S, T0), "synack")
+    eng.overloaded = True
+    ack = P.build(4, f.client, f.server, f.cport, 80, f.client_isn + 1, synack.seq + 1, ACK, 502,
+                  TcpOptions(ts=(501, synack.options.ts[0])))
+    one(eng.handle_raw(ack, T0 + 0.01), "syn")
+    assert eng.pending == 1 and eng.stats.shed["overload"] == 0
+
+
+def test_retry_memory_lasts_one_to_two_generations_and_is_bounded() -> None:
+    eng = make_engine()
+    eng.overloaded = True
+    gen = eng.retries.GENERATION
+    f = flow_from("198.18.0.9", 1001)
+    assert eng.handle_raw(_syn_bytes(f), T0) == [Drop("shed_overload")]
+    one(eng.handle_raw(_syn_bytes(f), T0 + gen - 0.1), "synack")  # the same generation
+    late = flow_from("198.18.0.9", 1002)
+    assert eng.handle_raw(_syn_bytes(late), T0 + gen - 0.1) == [Drop("shed_overload")]
+    one(eng.handle_raw(_syn_bytes(late), T0 + 2 * gen - 0.2), "synack")  # from the previous generation
+    assert eng.handle_raw(_syn_bytes(f), T0 + 3 * gen) == [Drop("shed_overload")]  # forgotten
+    for i in range(100_000):  # a random-source flood, all shed
+        eng.handle_raw(_syn_bytes(flow_from(f"198.{20 + i // 65536}.{i // 256 % 256}.{i % 256}", 1024)), T0 + 3 * gen)
+    assert eng.retries.bytes_used <= 2 * eng.retries.BITS // 8
+
+
+def test_retry_memory_false_positives_are_rare() -> None:
+    """A spoofed SYN taken for a retransmission is answered; at 85,000 shed SYNs a generation about 1%."""
+    eng = make_engine()
+    eng.overloaded = True
+    for i in range(85_000):
+        eng.handle_raw(_syn_bytes(flow_from(f"198.18.{i // 256 % 256}.{i % 256}", 2000 + i // 65536)), T0)
+    before = eng.stats.retries_answered
+    for i in range(10_000):
+        eng.handle_raw(_syn_bytes(flow_from(f"198.19.{i // 256 % 256}.{i % 256}", 3000)), T0)
+    assert eng.stats.retries_answered - before < 200  # < 2%

@@ -289,6 +289,26 @@ def test_garbage_that_looks_like_a_syn_never_raises(syn: tuple[bytes, int], cut:
     same_state(fast, slow)
 
 
+@settings(max_examples=1000, deadline=None)
+@given(syn=syn_packets(), cut=st.integers(0, 100), flips=st.lists(st.tuples(st.integers(0, 99), st.integers(0, 255)),
+                                                                   max_size=4))
+def test_garbage_while_overloaded_never_raises(syn: tuple[bytes, int], cut: int, flips: list[tuple[int, int]]) -> None:
+    """The overload check reads a SYN's key before any other parsing: it must cope with anything,
+    and shed only what a retransmission could repeat (both paths alike)."""
+    raw = bytearray(syn[0])
+    for pos, value in flips:
+        if pos < len(raw):
+            raw[pos] = value
+    data = bytes(raw[: len(raw) - cut % (len(raw) + 1)])
+    fast, slow = engines("default", None)
+    fast.overloaded = slow.overloaded = True
+    got = fast.handle_raw(data, T0)
+    assert got == slow.handle_raw(data, T0)
+    if got == [Drop("shed_overload")]:
+        assert P.syn_key(data) is not None
+    same_state(fast, slow)
+
+
 def test_garbage_with_fixed_lengths_never_raises() -> None:
     """Random bytes under valid IPv4/IPv6 and TCP length fields: the fast path's own checks."""
     rnd = random.Random(7)
