@@ -52,7 +52,7 @@ C2S, S2C = Direction.FROM_CLIENT, Direction.FROM_SERVER
 PROVISIONED_UID = "synproxy-prometheus"
 REQUIRED_ALERTS = {
     "SynFloodDetected", "ProxySheddingLegitimateLoad", "NfqueueDrops", "CookieKeyTooOld",
-    "BackendHandshakesFailing", "ProxyDown",
+    "BackendHandshakesFailing", "ProxyDown", "ProxyAtCapacity",
 }
 
 
