@@ -264,12 +264,17 @@ def _limit_options(func: Any) -> Any:
 @click.option("--idle-timeout", type=click.FloatRange(1), default=7440.0, show_default=True,
               envvar="SYNPROXY_IDLE_TIMEOUT", show_envvar=True,
               help="Seconds an established connection may be idle before its state is dropped.")
+@click.option("--overload-backlog", type=click.IntRange(0, 1023), default=512, show_default=True,
+              envvar="SYNPROXY_OVERLOAD_BACKLOG", show_envvar=True,
+              help="SYNs waiting in a worker's queue at which it is behind: it then sheds first attempts, "
+                   "remembers them for 4-8 s and answers their retransmissions (0 = off: the kernel drops what "
+                   "overflows the 1024-SYN queue at random, retransmissions included).")
 @_limit_options
 def run(
     ports: tuple[int, ...], queue: int, workers: int, worker_index: int | None, mode: str, wscale: int | None,
     mss: int | None, key_file: Path, metrics_addr: str, mark: int, install_rules: bool, queue_bypass: bool,
     queue_binding: str,
-    rules_backend: str | None, backend_timeout: float, idle_timeout: float, **limits: Any,
+    rules_backend: str | None, backend_timeout: float, idle_timeout: float, overload_backlog: int, **limits: Any,
 ) -> None:
     """Run the proxy until SIGTERM or Ctrl-C (rules installed at start, removed on a clean stop;
     rules an operator installed with `rules install` stay).
@@ -313,7 +318,8 @@ def run(
         key_file=key_file, metrics_addr=None if metrics_addr == "off" else metrics_addr, mark=mark,
         install_rules=install_rules, queue_bypass=queue_bypass, queue_binding=queue_binding,
         rules_backend=rules_backend,
-        backend_timeout=backend_timeout, idle_timeout=idle_timeout, limits=limit_cfg,
+        backend_timeout=backend_timeout, idle_timeout=idle_timeout, overload_backlog=overload_backlog,
+        limits=limit_cfg,
     )
     try:
         run_daemon(opts)

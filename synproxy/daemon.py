@@ -57,6 +57,7 @@ class RunOptions:
     rules_backend: str | None = None
     backend_timeout: float = 3.0
     idle_timeout: float = 7440.0
+    overload_backlog: int = 512  # SYNs waiting at which a worker sheds first attempts (0 = never)
     limits: LimitsConfig = LimitsConfig()
 
 
@@ -178,7 +179,7 @@ def serve_queue(
         log.warning("--queue-bypass: NetfilterQueue cannot set fail-open on a full queue; "
                     "only an unbound queue is bypassed")
     shell = Shell(engine, queue, opts.mark, on_tick=on_tick, binding=Binding(opts.queue_binding),
-                  fail_open=opts.queue_bypass, syn_queue_num=syn_queue)
+                  fail_open=opts.queue_bypass, syn_queue_num=syn_queue, overload_backlog=opts.overload_backlog)
     addr = _metrics_addr(opts, index)
     if addr:
         registry = CollectorRegistry()

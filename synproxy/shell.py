@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 from .engine import Drop, Engine, Send
-from .nfqueue import MAX_COPY_RANGE, NfQueue, QueueConfig
+from .nfqueue import MAX_COPY_RANGE, NfQueue, QueueConfig, QueueDepth
 from .rawsend import RawSender, SenderError
 
 log = logging.getLogger("synproxy")
@@ -82,6 +82,8 @@ class QueueReader(Protocol):
     def verdict(self, handle: Any, accept: bool, payload: bytes | None = None) -> None: ...
     def flush(self, drops_may_wait: bool = False) -> None: ...
     @property
+    def unanswered(self) -> int: ...
+    @property
     def drops_waiting(self) -> int: ...
     def close(self) -> None: ...
 
@@ -94,6 +96,7 @@ class NetfilterQueueReader:
 
         self._nfq = NetfilterQueue()
         self._batch: list[tuple[Any, bytes]] = []
+        self._held = 0  # packets retained without a verdict
         # The netlink socket must hold what the queue may: ~2 KiB per queued packet.
         self._nfq.bind(queue_num, self._collect, max_len=maxlen, range=NFQ_COPY_RANGE, sock_len=maxlen * 2048)
         nl = socket.socket(fileno=self._nfq.get_fd())
@@ -106,6 +109,7 @@ class NetfilterQueueReader:
 
     def _collect(self, pkt: Any) -> None:
         pkt.retain()  # the verdict comes after the callback returns
+        self._held += 1
         self._batch.append((pkt, pkt.get_payload()))
 
     def fileno(self) -> int:
@@ -118,6 +122,7 @@ class NetfilterQueueReader:
         return batch
 
     def verdict(self, handle: Any, accept: bool, payload: bytes | None = None) -> None:
+        self._held -= 1
         if not accept:
             handle.drop()
             return
@@ -127,6 +132,10 @@ class NetfilterQueueReader:
 
     def flush(self, drops_may_wait: bool = False) -> None:
         pass  # every verdict left when it was given
+
+    @property
+    def unanswered(self) -> int:
+        return self._held
 
     @property
     def drops_waiting(self) -> int:
@@ -172,6 +181,11 @@ class Shell:
     # How long a drop verdict may wait to leave with others: at moderate flood rates the
     # proxy wakes for every SYN or two, and a write per wake-up was an eighth of its CPU.
     DROP_DELAY = 0.002
+    # SYNs waiting (beyond those in hand) at which the proxy is behind: the default of
+    # --overload-backlog, about 6 ms of work. It must stay below SYN_QUEUE_MAXLEN: the
+    # proxy then sheds first attempts itself and remembers them (Engine.overloaded)
+    # before the kernel drops SYNs at random, retransmissions included.
+    OVERLOAD_BACKLOG = 512
 
     def __init__(
         self,
@@ -184,6 +198,7 @@ class Shell:
         binding: Binding = Binding.NETLINK,
         fail_open: bool = False,
         syn_queue_num: int | None = None,
+        overload_backlog: int = OVERLOAD_BACKLOG,
     ) -> None:
         self.engine = engine
         self.queue_num = queue_num
@@ -197,6 +212,10 @@ class Shell:
             raise ShellError(str(err)) from err
         self.binding = binding
         self.fail_open = fail_open
+        if not 0 <= overload_backlog < self.SYN_QUEUE_MAXLEN:
+            raise ShellError(f"--overload-backlog must be 0 (off) to {self.SYN_QUEUE_MAXLEN - 1}, "
+                             f"got {overload_backlog}")
+        self.overload_backlog = overload_backlog  # 0: never shed; the kernel drops the overflow
         self._stop = False
         self._queue_maxlen = queue_maxlen
         self._next_tick = 0.0
@@ -261,7 +280,7 @@ class Shell:
                 self.on_tick(now)
         self._service_due = self._next_tick if deadline is None else min(deadline, self._next_tick)
 
-    def _serve(self, queues: list[QueueReader]) -> None:
+    def _serve(self, queues: list[QueueReader], depth: QueueDepth | None) -> None:
         """The loop: rounds of a traffic batch, then a few SYNs; poll only when nothing is ready.
 
         Each round takes a batch of traffic (TRAFFIC_BATCHES), then one batch of SYNs,
@@ -271,14 +290,20 @@ class Shell:
         less than asked is empty and is read again only once poll says so, which
         keeps a lightly loaded proxy at one poll and one read per wake-up. Drop
         verdicts may wait up to DROP_DELAY to leave together.
+
+        A full batch of SYNs may mean the proxy is behind: `depth` (the SYN queue's
+        length, None when overload shedding is off) tells, and the engine handles that
+        batch as overloaded (see Engine.overloaded).
         """
         poller = select.poll()
         by_fd = {queue.fileno(): i for i, queue in enumerate(queues)}
         for fd in by_fd:
             poller.register(fd, select.POLLIN)
         rounds = [self.TRAFFIC_BATCHES] + [1] * (len(queues) - 1)
+        syn_queue = len(queues) - 1  # the SYN queue, or the only queue
         ready = [True] * len(queues)
         drops_due: float | None = None  # when held drop verdicts must leave
+        engine = self.engine
         while not self._stop:
             now = self.clock()
             if now >= self._service_due:
@@ -293,7 +318,16 @@ class Shell:
                 for _ in range(rounds[i]):
                     batch = queue.receive(want)
                     if batch:
-                        self._handle_batch(queue, batch)
+                        behind = (depth is not None and i == syn_queue and len(batch) >= want
+                                  and depth.waiting() - queue.unanswered >= self.overload_backlog)
+                        if behind:
+                            engine.overloaded = True
+                            try:
+                                self._handle_batch(queue, batch)
+                            finally:
+                                engine.overloaded = False
+                        else:
+                            self._handle_batch(queue, batch)
                     if len(batch) < want:
                         ready[i] = False
                         break
@@ -327,12 +361,20 @@ class Shell:
         except BaseException:
             queues[0].close()
             raise
+        depth = None
+        if self.overload_backlog:
+            try:
+                depth = QueueDepth(self.queue_num if self.syn_queue_num is None else self.syn_queue_num)
+            except OSError as err:  # /proc without netfilter's files: shed nothing, say so
+                log.warning("cannot read the queue's length (%s): SYNs beyond capacity are dropped at random", err)
         old = {s: signal.signal(s, self.stop) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             if on_bound is not None:
                 on_bound()
-            self._serve(queues)
+            self._serve(queues, depth)
         finally:
+            if depth is not None:
+                depth.close()
             for sig, handler in old.items():
                 signal.signal(sig, handler)
             for queue in queues:

@@ -23,6 +23,7 @@ class _Queue:
 
     def __init__(self, name: str, packets: int, reads: list[tuple[str, int]]) -> None:
         self.name, self.left, self.reads = name, packets, reads
+        self.in_hand = 0  # read and without a verdict
         self._r, self._w = socket.socketpair()
         self._signal()
 
@@ -43,11 +44,12 @@ class _Queue:
         self.reads.append((self.name, limit))
         n = min(limit, self.left)
         self.left -= n
+        self.in_hand = n
         self._signal()
         return [(i, b"pkt") for i in range(n)]
 
     def verdict(self, handle: Any, accept: bool, payload: bytes | None = None) -> None:
-        pass
+        self.in_hand -= 1
 
     def flush(self, drops_may_wait: bool = False) -> None:
         pass
@@ -56,18 +58,25 @@ class _Queue:
     def drops_waiting(self) -> int:
         return 0
 
+    @property
+    def unanswered(self) -> int:
+        return self.in_hand
+
     def close(self) -> None:
         self._r.close()
         self._w.close()
 
 
 class _Engine:
-    """Drops everything; stops the shell once both queues are empty."""
+    """Drops everything; stops the shell once both queues are empty; notes `overloaded` per packet."""
 
     def __init__(self, shell: Shell, queues: list[_Queue]) -> None:
         self.shell, self.queues = shell, queues
+        self.overloaded = False
+        self.seen: list[bool] = []
 
     def handle_raw(self, data: bytes, now: float) -> list[Any]:
+        self.seen.append(self.overloaded)
         if not any(q.left for q in self.queues):
             self.shell.stop()
             self.queues[0]._w.send(b"x")  # so the loop's last poll returns at once
@@ -77,18 +86,37 @@ class _Engine:
         return None
 
 
-def _run(traffic: int, syns: int) -> list[tuple[str, int]]:
+class _Depth:
+    """The kernel's count of what the SYN queue holds: everything not yet given a verdict."""
+
+    def __init__(self, queue: _Queue) -> None:
+        self.queue, self.asked = queue, 0
+
+    def waiting(self) -> int:
+        self.asked += 1
+        return self.queue.left + self.queue.in_hand  # the batch in hand counts too
+
+
+def _run(traffic: int, syns: int, shed: bool = False, engine_log: list[bool] | None = None,
+         depth_log: list[int] | None = None) -> list[tuple[str, int]]:
     reads: list[tuple[str, int]] = []
     queues = [_Queue("traffic", traffic, reads), _Queue("syn", syns, reads)]
     shell = Shell.__new__(Shell)  # no kernel queues or sockets: the loop alone
-    shell.engine = _Engine(shell, queues)  # type: ignore[assignment]
+    engine = _Engine(shell, queues)
+    shell.engine = engine  # type: ignore[assignment]
     shell.sender, shell.stats, shell.clock = _Sender(_Wire()), ShellStats(), lambda: 0.0  # type: ignore[assignment]
     shell.on_tick, shell._stop, shell._next_tick, shell._service_due = None, False, 0.0, 0.0
+    shell.overload_backlog = Shell.OVERLOAD_BACKLOG
+    depth = _Depth(queues[1]) if shed else None
     try:
-        shell._serve(queues)  # type: ignore[arg-type]
+        shell._serve(queues, depth)  # type: ignore[arg-type]
     finally:
         for q in queues:
             q.close()
+    if engine_log is not None:
+        engine_log.extend(engine.seen)
+    if depth_log is not None and depth is not None:
+        depth_log.append(depth.asked)
     return reads
 
 
@@ -115,6 +143,36 @@ def test_syns_get_a_turn_after_every_traffic_batch() -> None:
     SYN queue (8,394 drops; 12% of connections waited for a SYN retransmission)."""
     reads = _run(traffic=6 * Shell.BATCH, syns=10 * Shell.SYN_BATCH)
     assert reads[:12] == [("traffic", Shell.BATCH), ("syn", Shell.SYN_BATCH)] * 6
+
+
+def test_a_full_syn_batch_with_a_long_queue_behind_it_is_handled_overloaded() -> None:
+    """Engine.overloaded is set for exactly the SYN batches that found OVERLOAD_BACKLOG or more
+    SYNs waiting behind them, and never for traffic."""
+    backlog, batch = Shell.OVERLOAD_BACKLOG, Shell.SYN_BATCH_IDLE
+    syns = backlog + 3 * batch + 5  # three batches leave the backlog or more behind them
+    seen: list[bool] = []
+    asked: list[int] = []
+    _run(traffic=0, syns=syns, shed=True, engine_log=seen, depth_log=asked)
+    assert len(seen) == syns
+    overloaded = [seen[i * batch] for i in range(syns // batch + 1)]
+    # Batch k leaves syns - (k + 1) * batch behind it.
+    assert overloaded == [syns - (k + 1) * batch >= backlog for k in range(syns // batch + 1)]
+    assert overloaded[:3] == [True] * 3 and not any(overloaded[3:])
+    assert all(seen[i] == seen[i - i % batch] for i in range(syns))  # a whole batch either way
+    assert asked == [syns // batch]  # only full batches ask the kernel
+
+
+def test_no_overload_without_a_queue_length() -> None:
+    """--overload-backlog 0: the shell never asks, the engine is never told."""
+    seen: list[bool] = []
+    _run(traffic=0, syns=Shell.OVERLOAD_BACKLOG * 3, engine_log=seen)
+    assert seen and not any(seen)
+
+
+def test_traffic_batches_are_never_overloaded() -> None:
+    seen: list[bool] = []
+    _run(traffic=Shell.OVERLOAD_BACKLOG * 3, syns=0, shed=True, engine_log=seen)
+    assert seen and not any(seen)
 
 
 class _Wire:
