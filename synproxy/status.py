@@ -144,6 +144,9 @@ def summary(before: Samples, after: Samples, seconds: float, workers: int) -> st
         f"  cookie key age  {max((v for (n, _), v in after.items() if n == 'synproxy_cookie_key_age_seconds'), default=0) / 3600:.1f} h",
     ]
     verdict = "under a SYN flood" if syn > 1000 and valid < 0.1 * syn else "normal"
+    if rate("synproxy_shed_total", reason="overload"):
+        verdict += (", beyond capacity: first SYNs are shed, clients connect on a retransmission "
+                    "(add workers or cores)")
     lines.insert(1, f"  state           {verdict}")
     return "\n".join(lines)
 

@@ -53,6 +53,19 @@ def test_flood_beyond_capacity() -> None:
     assert "established traffic is being lost" not in text
 
 
+def test_flood_beyond_capacity_with_overload_shedding() -> None:
+    """The worker sheds first attempts itself: status says what that means for clients."""
+    before, after = scrape(1_000_000, 5_000, 0), scrape(1_080_000, 6_000, 0)
+    before[("synproxy_shed_total", (("reason", "overload"),))] = 300_000.0
+    after[("synproxy_shed_total", (("reason", "overload"),))] = 330_000.0
+    text = summary(before, after, 2.0, 1)
+    assert ("state           under a SYN flood, beyond capacity: first SYNs are shed, clients connect on a "
+            "retransmission (add workers or cores)") in text
+    assert "overload 15,000/s (330,000 total)" in text
+    quiet = summary(scrape(1_000_000, 5_000, 0), scrape(1_080_000, 6_000, 0), 2.0, 1)
+    assert "beyond capacity" not in quiet
+
+
 def test_quiet_proxy_and_lost_traffic() -> None:
     text = summary(scrape(100, 0, 0, 5), scrape(110, 0, 0, 9), 1.0, 2)
     assert "2 worker(s) answering" in text and "state           normal" in text
