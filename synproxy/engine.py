@@ -343,7 +343,7 @@ class Stats:
     closed: Counter[str] = field(default_factory=Counter)  # fin/rst/idle
     shed: Counter[str] = field(default_factory=Counter)  # caps and rate limits
     evicted: Counter[str] = field(default_factory=Counter)  # bounded tables
-    retries_answered: int = 0  # SYNs handled under overload because they repeated a shed one
+    retries_answered: int = 0  # SYNs let through under overload because they repeated a shed one
 
 
 # ---------------------------------------------------------------- the engine

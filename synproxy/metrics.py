@@ -91,8 +91,9 @@ class SynproxyCollector(Collector):
         )
         yield _labelled("synproxy_shed", "Packets refused because a cap or rate limit was reached, or the proxy "
                         "was behind (overload)", "reason", st.shed)
-        yield _counter("synproxy_syn_retries_answered", "SYNs handled while the proxy was behind because they "
-                       "repeated a SYN it had shed (retransmissions)", st.retries_answered)
+        yield _counter("synproxy_syn_retries_answered", "SYNs let through while the proxy was behind because they "
+                       "repeated a SYN it had shed (retransmissions; caps and rate limits still apply)",
+                       st.retries_answered)
         yield _labelled("synproxy_packets_dropped", "Queued packets the proxy dropped, by reason", "reason", st.dropped)
         yield _labelled("synproxy_malformed_packets", "Queued packets that did not parse", "reason", st.malformed)
         yield _counter("synproxy_packets_translated", "Packets of established connections rewritten", st.translated)
