@@ -412,7 +412,7 @@ class Engine:
         if self.overloaded:  # before any other work: shedding must cost far less than answering
             key = P.syn_key(data)
             if key is not None:
-                if not self.retries.seen_again(key, now):
+                if not self.retries.answer(key, now):
                     self.stats.syn_received += 1
                     self.stats.shed["overload"] += 1
                     return [_SHED_OVERLOAD]
