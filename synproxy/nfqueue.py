@@ -363,10 +363,10 @@ class QueueDepth:
         self.queue_num = queue_num
         self._fd = os.open(path, os.O_RDONLY)
 
-    def waiting(self) -> int:
-        """Packets the kernel holds for the queue, those read without a verdict included."""
+    def status(self) -> QueueStatus:
+        """The kernel's figures now: `waiting` counts packets read without a verdict too."""
         status = parse_queue_status(os.pread(self._fd, 1 << 16, 0).decode(), self.queue_num)
-        return 0 if status is None else status.waiting
+        return QueueStatus(self.queue_num, 0, 0, 0, 0) if status is None else status
 
     def close(self) -> None:
         os.close(self._fd)

@@ -62,6 +62,40 @@ class LatencyHistogram:
         self.total += seconds * count
 
 
+class OverloadGate:
+    """Whether a worker is behind on its SYNs: the input Engine.overloaded.
+
+    Shedding starts when the kernel drops SYNs because the queue is full: only then
+    would SYNs be lost anyway, at random. A burst that fits the 1,024-SYN queue is
+    left alone: 1,000 connects at once from one host (a client pool reconnecting)
+    drain in well under a second, and shedding whenever 512 were waiting made up to
+    a third of them wait 1 s for their retransmission. From then on a full batch
+    that finds `backlog` or more SYNs behind it is shed, until EXIT passes without
+    one, so the queue stays near `backlog` instead of overflowing again.
+    """
+
+    EXIT = 1.0  # seconds without being behind before shedding needs the kernel to drop again
+
+    def __init__(self, backlog: int) -> None:
+        self.backlog = backlog
+        self._shedding_until = float("-inf")
+        self._dropped: int | None = None  # the queue's drop counter at the last look
+        self._looked = float("-inf")
+
+    def update(self, waiting: int, dropped: int, now: float) -> bool:
+        """After a full batch: `waiting` SYNs behind it, the queue's drop counter. True: shed."""
+        if now < self._looked:  # the wall clock stepped back: start over from now
+            self._shedding_until, self._dropped = float("-inf"), None
+        fresh = self._dropped is not None and dropped > self._dropped and now - self._looked < self.EXIT
+        self._dropped, self._looked = dropped, now
+        if waiting < self.backlog:
+            return False
+        if fresh or now < self._shedding_until:
+            self._shedding_until = now + self.EXIT
+            return True
+        return False
+
+
 class Binding(enum.Enum):
     """How the daemon talks to the kernel's queue."""
 
@@ -181,10 +215,11 @@ class Shell:
     # How long a drop verdict may wait to leave with others: at moderate flood rates the
     # proxy wakes for every SYN or two, and a write per wake-up was an eighth of its CPU.
     DROP_DELAY = 0.002
-    # SYNs waiting (beyond those in hand) at which the proxy is behind: the default of
-    # --overload-backlog, about 6 ms of work. It must stay below SYN_QUEUE_MAXLEN: the
-    # proxy then sheds first attempts itself and remembers them (Engine.overloaded)
-    # before the kernel drops SYNs at random, retransmissions included.
+    # SYNs waiting (beyond those in hand) at which the proxy is behind, once the kernel
+    # has had to drop SYNs (OverloadGate): the default of --overload-backlog, about 6 ms
+    # of work. Below SYN_QUEUE_MAXLEN, so the proxy then sheds first attempts itself and
+    # remembers them (Engine.overloaded) instead of the kernel dropping SYNs at random,
+    # retransmissions included.
     OVERLOAD_BACKLOG = 512
 
     def __init__(
@@ -291,9 +326,9 @@ class Shell:
         keeps a lightly loaded proxy at one poll and one read per wake-up. Drop
         verdicts may wait up to DROP_DELAY to leave together.
 
-        A full batch of SYNs may mean the proxy is behind: `depth` (the SYN queue's
-        length, None when overload shedding is off) tells, and the engine handles that
-        batch as overloaded (see Engine.overloaded).
+        A full batch of SYNs may mean the proxy is behind: `depth` (the kernel's figures
+        for the SYN queue, None when overload shedding is off) tells, OverloadGate
+        decides, and the engine handles that batch as overloaded (Engine.overloaded).
         """
         poller = select.poll()
         by_fd = {queue.fileno(): i for i, queue in enumerate(queues)}
@@ -301,6 +336,7 @@ class Shell:
             poller.register(fd, select.POLLIN)
         rounds = [self.TRAFFIC_BATCHES] + [1] * (len(queues) - 1)
         syn_queue = len(queues) - 1  # the SYN queue, or the only queue
+        gate = OverloadGate(self.overload_backlog)
         ready = [True] * len(queues)
         drops_due: float | None = None  # when held drop verdicts must leave
         engine = self.engine
@@ -318,8 +354,10 @@ class Shell:
                 for _ in range(rounds[i]):
                     batch = queue.receive(want)
                     if batch:
-                        behind = (depth is not None and i == syn_queue and len(batch) >= want
-                                  and depth.waiting() - queue.unanswered >= self.overload_backlog)
+                        behind = False
+                        if depth is not None and i == syn_queue and len(batch) >= want:
+                            status = depth.status()
+                            behind = gate.update(status.waiting - queue.unanswered, status.dropped_queue_full, now)
                         if behind:
                             engine.overloaded = True
                             try:

@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 from synproxy.engine import Accept, Direction, Drop, Send
-from synproxy.shell import Shell, ShellStats
+from synproxy.nfqueue import QueueStatus
+from synproxy.shell import OverloadGate, Shell, ShellStats
 
 
 class _Queue:
@@ -87,14 +88,15 @@ class _Engine:
 
 
 class _Depth:
-    """The kernel's count of what the SYN queue holds: everything not yet given a verdict."""
+    """The kernel's figures for the SYN queue: it holds everything not yet given a verdict,
+    and it has dropped SYNs (so the gate lets the proxy shed from the first batch)."""
 
     def __init__(self, queue: _Queue) -> None:
         self.queue, self.asked = queue, 0
 
-    def waiting(self) -> int:
+    def status(self) -> QueueStatus:
         self.asked += 1
-        return self.queue.left + self.queue.in_hand  # the batch in hand counts too
+        return QueueStatus(1, self.queue.left + self.queue.in_hand, self.asked, 0, 0)  # the batch in hand counts too
 
 
 def _run(traffic: int, syns: int, shed: bool = False, engine_log: list[bool] | None = None,
@@ -147,19 +149,54 @@ def test_syns_get_a_turn_after_every_traffic_batch() -> None:
 
 def test_a_full_syn_batch_with_a_long_queue_behind_it_is_handled_overloaded() -> None:
     """Engine.overloaded is set for exactly the SYN batches that found OVERLOAD_BACKLOG or more
-    SYNs waiting behind them, and never for traffic."""
+    SYNs waiting behind them once the kernel has dropped some (here it keeps dropping: the
+    first look only learns its counter), and never for traffic."""
     backlog, batch = Shell.OVERLOAD_BACKLOG, Shell.SYN_BATCH_IDLE
-    syns = backlog + 3 * batch + 5  # three batches leave the backlog or more behind them
+    syns = backlog + 4 * batch + 5  # four batches leave the backlog or more behind them
     seen: list[bool] = []
     asked: list[int] = []
     _run(traffic=0, syns=syns, shed=True, engine_log=seen, depth_log=asked)
     assert len(seen) == syns
     overloaded = [seen[i * batch] for i in range(syns // batch + 1)]
     # Batch k leaves syns - (k + 1) * batch behind it.
-    assert overloaded == [syns - (k + 1) * batch >= backlog for k in range(syns // batch + 1)]
-    assert overloaded[:3] == [True] * 3 and not any(overloaded[3:])
+    assert overloaded == [k > 0 and syns - (k + 1) * batch >= backlog for k in range(syns // batch + 1)]
+    assert overloaded[:4] == [False, True, True, True] and not any(overloaded[4:])
     assert all(seen[i] == seen[i - i % batch] for i in range(syns))  # a whole batch either way
     assert asked == [syns // batch]  # only full batches ask the kernel
+
+
+def test_a_burst_that_fits_the_queue_is_not_overload() -> None:
+    """1,000 connects at once fit the 1,024-SYN queue: the kernel drops none, so the proxy sheds none."""
+    gate = OverloadGate(512)
+    t = 100.0
+    for waiting in (936, 872, 808, 744, 680, 616, 552, 488, 424):
+        assert not gate.update(waiting, 0, t)
+        t += 0.05  # however slowly it drains
+    assert not gate.update(0, 0, t)
+
+
+def test_shedding_starts_with_kernel_drops_and_lasts_while_behind_within_exit() -> None:
+    gate = OverloadGate(512)
+    t = 100.0
+    assert not gate.update(900, 0, t)
+    assert gate.update(1000, 37, t + 0.001)  # the kernel dropped SYNs: shed
+    assert not gate.update(100, 37, t + 0.01)  # caught up for a moment: this batch is answered
+    assert gate.update(520, 37, t + 0.02)  # behind again within EXIT: shed, no new drop needed
+    assert not gate.update(0, 37, t + 0.5)
+    later = t + 0.02 + OverloadGate.EXIT + 0.01
+    assert not gate.update(600, 37, later)  # EXIT passed without being behind: needs drops again
+    assert gate.update(600, 50, later + 0.001)
+    assert not gate.update(600, 60, later - 100)  # the clock stepped back: start over, from then
+    assert not gate.update(600, 60, later - 99.99)
+    assert gate.update(600, 61, later - 99.98)
+
+
+def test_drops_seen_long_ago_do_not_start_shedding() -> None:
+    gate = OverloadGate(512)
+    assert not gate.update(0, 10, 100.0)
+    # Drops happened some time in the next ten minutes; the next full batch is a burst.
+    assert not gate.update(800, 500, 700.0)
+    assert not gate.update(700, 500, 700.01)
 
 
 def test_no_overload_without_a_queue_length() -> None:
