@@ -266,9 +266,10 @@ def _limit_options(func: Any) -> Any:
               help="Seconds an established connection may be idle before its state is dropped.")
 @click.option("--overload-backlog", type=click.IntRange(0, 1023), default=512, show_default=True,
               envvar="SYNPROXY_OVERLOAD_BACKLOG", show_envvar=True,
-              help="SYNs waiting in a worker's queue at which it is behind: it then sheds first attempts, "
-                   "remembers them for 4-8 s and answers their retransmissions (0 = off: the kernel drops what "
-                   "overflows the 1024-SYN queue at random, retransmissions included).")
+              help="Once the kernel has had to drop SYNs from a worker's full 1024-SYN queue, the SYNs waiting at "
+                   "which the worker is behind: it then sheds first attempts, remembers them for 4-8 s and "
+                   "answers each one's first retransmission (0 = off: the kernel drops the overflow at random, "
+                   "retransmissions included).")
 @_limit_options
 def run(
     ports: tuple[int, ...], queue: int, workers: int, worker_index: int | None, mode: str, wscale: int | None,
