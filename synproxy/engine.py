@@ -562,10 +562,14 @@ class Engine:
         at = self._timers[0][0] if self._timers else None
         if self.limits.established or self._sweep_keys:
             at = self._sweep_at if at is None else min(at, self._sweep_at)
+        forget = self.retries.forget_at  # the overload's memory, freed when it is too old
+        if forget is not None:
+            at = forget if at is None else min(at, forget)
         return at
 
     def handle_timer(self, now: float) -> list[Action]:
-        """Run every timer due at `now`: SYN resends, give-ups, idle and linger expiry."""
+        """Run every timer due at `now`: SYN resends, give-ups, idle and linger expiry, and
+        freeing the overload's memory of shed SYNs once it is too old to matter."""
         out: list[Action] = []
         timers = self._timers
         while timers and timers[0][0] <= now:
@@ -576,6 +580,7 @@ class Engine:
             out.extend(self._expire(key, conn, now))
         if now >= self._sweep_at and (self.limits.established or self._sweep_keys):
             self._sweep(now)
+        self.retries.forget_old(now)
         return out
 
     def _sweep(self, now: float) -> None:

@@ -271,6 +271,19 @@ class RetryMemory:
         self._shed, self._answered = bytearray(self.BITS >> 3), bytearray(self.BITS >> 3)
         self._generation_start, self._rotate_at = now, now + self.GENERATION
 
+    @property
+    def forget_at(self) -> float | None:
+        """When everything remembered is too old to matter (None: nothing is)."""
+        return None if self._shed is None else self._generation_start + 2 * self.GENERATION
+
+    def forget_old(self, now: float) -> None:
+        """Free the bitmaps once nothing in them can be a retransmission's key any more
+        (or the clock stepped back): a worker's memory returns after an overload."""
+        start = self._generation_start
+        if self._shed is not None and (now - start >= 2 * self.GENERATION or now < start):
+            self._shed = self._answered = self._old_shed = self._old_answered = None
+            self._generation_start = self._rotate_at = float("-inf")
+
     def answer(self, key: object, now: float) -> bool:
         """True for a shed SYN's first repeat (answer it); otherwise False (shed it), and remembered."""
         if now >= self._rotate_at or now < self._generation_start:

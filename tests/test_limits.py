@@ -311,6 +311,22 @@ def test_retry_memory_forgets_after_a_quiet_spell_and_a_clock_step() -> None:
     assert mem.bytes_used <= 4 * RetryMemory.BITS // 8
 
 
+def test_the_overload_memory_is_freed_by_the_engine_timer_once_too_old() -> None:
+    """The bitmaps exist only while they can matter: a worker's memory returns after an overload."""
+    eng = make_engine()
+    assert eng.next_deadline() is None and eng.retries.bytes_used == 0
+    eng.overloaded = True
+    eng.handle_raw(_syn_bytes(flow_from("198.18.0.9", 1001)), T0)
+    eng.overloaded = False
+    assert eng.retries.bytes_used == 4 * RetryMemory.BITS // 8 // 2  # this generation's two bitmaps
+    due = eng.next_deadline()
+    assert due == T0 + 2 * RetryMemory.GENERATION
+    eng.handle_timer(due - 0.1)
+    assert eng.retries.bytes_used > 0  # still within reach of a retransmission
+    eng.handle_timer(due)
+    assert eng.retries.bytes_used == 0 and eng.next_deadline() is None
+
+
 def test_a_clock_step_back_does_not_drain_a_token_bucket() -> None:
     """After the wall clock went back an hour, a bucket computed -3.6 million tokens and refused
     its source for an hour."""
