@@ -61,7 +61,7 @@ def main() -> None:
                           TcpOptions(mss=1460, wscale=7, sack_ok=True, ts=(i, 0))) for i in range(5 * n + 1)]
         assert shed_eng.handle_raw(floods.pop(), NOW)[0] == Drop("shed_overload")
         fresh = iter(floods)  # every round new SYNs: a repeat would be answered as a retransmission
-        rows.append((f"IPv{family} SYN shed while behind (key+retry memory)",
+        rows.append((f"IPv{family} SYN shed while behind (peek+retry memory)",
                      per_call_us(lambda i: shed_eng.handle_raw(next(fresh), NOW), n)))
         bogus = [P.build(family, c, s, 1024 + i, 80, i * 7919 + 1, 12345, ACK, 500, TcpOptions(ts=(i, 1)))
                  for i in range(1000)]

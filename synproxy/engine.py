@@ -87,6 +87,10 @@ Action = Accept | Drop | Send
 
 # The verdicts of the flood paths, made once.
 _SYN_ANSWERED = Drop("syn_answered")
+_COOKIE_INVALID = Drop("cookie_invalid")
+_SHED_DROPS = {shed: Drop(f"shed_{shed.value}") for shed in Shed}
+_SHED_OVERLOAD = _SHED_DROPS[Shed.OVERLOAD]
+_SYN_KIND = SYN | ACK | RST | FIN  # a pure SYN has only SYN of these
 _BAD_SOURCE = Drop("bad_source")
 _V4_BROADCAST = b"\xff\xff\xff\xff"
 _V6_MAPPED = bytes(10) + b"\xff\xff"
@@ -103,9 +107,6 @@ def bad_source(family: int, src: bytes, dst: bytes) -> bool:
         return first == 0 or first == 127 or 224 <= first < 240 or src == _V4_BROADCAST or src == dst
     return (src[0] == 0xFF or src == dst
             or (src[0] == 0 and (src == _V6_UNSPECIFIED or src == _V6_LOOPBACK or src[:12] == _V6_MAPPED)))
-_COOKIE_INVALID = Drop("cookie_invalid")
-_SHED_DROPS = {shed: Drop(f"shed_{shed.value}") for shed in Shed}
-_SHED_OVERLOAD = _SHED_DROPS[Shed.OVERLOAD]
 
 
 # ---------------------------------------------------------------- config and state
@@ -409,16 +410,17 @@ class Engine:
         goes through `_handle_peeked`: the same actions and counts, less work.
         While `overloaded`, a SYN seen for the first time is shed before all that.
         """
-        if self.overloaded:  # before any other work: shedding must cost far less than answering
-            key = P.syn_key(data)
-            if key is not None:
-                if not self.retries.answer(key, now):
-                    self.stats.syn_received += 1
-                    self.stats.shed["overload"] += 1
-                    return [_SHED_OVERLOAD]
-                self.stats.retries_answered += 1
+        head = P.peek(data) if self.fast_paths or self.overloaded else None
+        # Overloaded: a pure SYN to a protected port is shed first thing (shedding must cost
+        # far less than answering) unless its addresses, ports and ISN repeat a shed one.
+        if (self.overloaded and head is not None and head[7] & _SYN_KIND == SYN
+                and head[4] in self.config.ports):
+            if not self.retries.answer(head[1:6], now):  # (src, dst, sport, dport, seq)
+                self.stats.syn_received += 1
+                self.stats.shed["overload"] += 1
+                return [_SHED_OVERLOAD]
+            self.stats.retries_answered += 1
         if self.fast_paths:
-            head = P.peek(data)
             if head is not None:
                 out = self._handle_peeked(data, head, now)
                 if out is not None:

@@ -262,9 +262,14 @@ class RetryMemory:
         maps = (self._shed, self._answered, self._old_shed, self._old_answered)
         return sum(len(m) for m in maps if m is not None)
 
-    def _rotate(self, now: float) -> None:
+    def _stale(self, now: float) -> bool:
+        """Nothing remembered can be a retransmission's key at `now`: all of it is too old, or
+        the clock went back."""
         age = now - self._generation_start
-        if age >= 2 * self.GENERATION or age < 0:  # all of it too old, or the clock went back
+        return age >= 2 * self.GENERATION or age < 0
+
+    def _rotate(self, now: float) -> None:
+        if self._stale(now):
             self._old_shed = self._old_answered = None
         else:
             self._old_shed, self._old_answered = self._shed, self._answered
@@ -279,8 +284,7 @@ class RetryMemory:
     def forget_old(self, now: float) -> None:
         """Free the bitmaps once nothing in them can be a retransmission's key any more
         (or the clock stepped back): a worker's memory returns after an overload."""
-        start = self._generation_start
-        if self._shed is not None and (now - start >= 2 * self.GENERATION or now < start):
+        if self._shed is not None and self._stale(now):
             self._shed = self._answered = self._old_shed = self._old_answered = None
             self._generation_start = self._rotate_at = float("-inf")
 

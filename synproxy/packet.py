@@ -434,24 +434,6 @@ def peek(data: bytes) -> Peeked | None:
 _unpack_window_urgent = struct.Struct("!HxxH").unpack_from
 
 
-def syn_key(data: bytes) -> bytes | None:
-    """A pure SYN's addresses, ports and ISN (what its retransmission repeats), or None.
-
-    For shedding under overload, before any other parsing: a packet this cannot read
-    is left to the full path.
-    """
-    if len(data) < 40:  # no IP and TCP header
-        return None
-    version = data[0] >> 4
-    if version == 4:
-        t = (data[0] & 15) << 2
-        if data[9] == 6 and len(data) >= t + 20 and data[t + 13] & 0x17 == SYN:
-            return data[12:20] + data[t:t + 8]
-    elif version == 6 and len(data) >= 60 and data[6] == 6 and data[53] & 0x17 == SYN:
-        return data[8:48]
-    return None
-
-
 def from_peeked(data: bytes, head: Peeked) -> Packet:
     """parse(data) for a packet peek() returned `head` for (the same Packet, or the
     same PacketError for bad options) without reading the headers again."""

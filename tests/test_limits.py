@@ -10,7 +10,7 @@ import pytest
 from synproxy import packet as P
 from synproxy.engine import U32, Direction, Drop, Send
 from synproxy.limits import GlobalBucket, LimitsConfig, RetryMemory, TokenBuckets, prefix_of
-from synproxy.packet import ACK, SYN, TcpOptions
+from synproxy.packet import ACK, RST, SYN, TcpOptions
 from tests.test_engine import T0, Flow, make_engine, one, sends
 
 C2S, S2C = Direction.FROM_CLIENT, Direction.FROM_SERVER
@@ -247,6 +247,24 @@ def test_overloaded_engine_sheds_a_first_attempt_and_answers_its_retransmission(
     assert synack.ack == f.client_isn + 1
     assert eng.stats.retries_answered == 1 and eng.stats.shed["overload"] == 2
     assert eng.conns == {}  # still nothing per SYN but the bitmap
+
+
+def test_overload_sheds_only_pure_syns_to_protected_ports() -> None:
+    """Anything else goes the way it would without the overload: other flags, a SYN to another
+    port, IP options (the full parser's job), packets too short to hold the headers."""
+    a, b = P.addr_bytes("198.18.0.2"), P.addr_bytes("198.18.1.2")
+    syn = P.build(4, a, b, 40000, 80, 123456, 0, SYN, 64240, TcpOptions(mss=1460))
+    with_opts = bytearray(syn[:20]) + b"\x01\x01\x01\x00" + syn[20:]
+    with_opts[0], with_opts[3] = 0x46, len(with_opts)
+    with_opts[10:12] = b"\0\0"
+    with_opts[10:12] = P.ipv4_checksum(bytes(with_opts[:24])).to_bytes(2, "big")
+    others = [P.build(4, a, b, 40000, 80, 123456, 1, flags, 64240) for flags in (SYN | ACK, ACK, SYN | RST, SYN | P.FIN)]
+    others += [P.build(4, a, b, 40000, 81, 123456, 0, SYN, 64240), bytes(with_opts), b"", b"\x45" + bytes(30)]
+    for data in others:
+        calm, busy = make_engine(), make_engine()
+        busy.overloaded = True
+        assert busy.handle_raw(data, T0) == calm.handle_raw(data, T0), data
+        assert busy.stats.shed["overload"] == 0 and busy.retries.bytes_used == 0
 
 
 def test_not_overloaded_answers_everything_and_remembers_nothing() -> None:

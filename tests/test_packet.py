@@ -227,23 +227,3 @@ def test_peek_accepts_only_what_parse_accepts_and_from_peeked_is_parse(data: byt
     assert head[9] == pkt.tcp_offset + pkt.tcp_header_len and len(raw) == head[9] + pkt.payload_len
     assert P.from_peeked(raw, head) == pkt
 
-
-def test_syn_key_is_what_a_retransmission_repeats() -> None:
-    a, b = P.addr_bytes("198.18.0.2"), P.addr_bytes("198.18.1.2")
-    syn = P.build(4, a, b, 40000, 80, 123456, 0, P.SYN, 64240, P.TcpOptions(mss=1460, ts=(1, 0)))
-    again = P.build(4, a, b, 40000, 80, 123456, 0, P.SYN, 64240, P.TcpOptions(mss=1460, ts=(1001, 0)))
-    assert P.syn_key(syn) == P.syn_key(again) == a + b + (40000).to_bytes(2, "big") + (80).to_bytes(2, "big") \
-        + (123456).to_bytes(4, "big")
-    assert P.syn_key(P.build(4, a, b, 40000, 80, 123457, 0, P.SYN, 64240)) != P.syn_key(syn)
-    for flags in (P.SYN | P.ACK, P.ACK, P.SYN | P.RST, P.SYN | P.FIN):
-        assert P.syn_key(P.build(4, a, b, 40000, 80, 123456, 1, flags, 64240)) is None
-    # IPv4 options move the TCP header: the key still holds its ports and ISN.
-    with_opts = bytearray(syn[:20]) + b"\x01\x01\x01\x00" + syn[20:]
-    with_opts[0] = 0x46
-    assert P.syn_key(bytes(with_opts)) == P.syn_key(syn)
-    six_a, six_b = P.addr_bytes("fd53:5059::2"), P.addr_bytes("fd53:5059:1::2")
-    syn6 = P.build(6, six_a, six_b, 40000, 80, 99, 0, P.SYN, 64240)
-    assert P.syn_key(syn6) == six_a + six_b + (40000).to_bytes(2, "big") + (80).to_bytes(2, "big") + (99).to_bytes(4, "big")
-    assert P.syn_key(P.build(6, six_a, six_b, 40000, 80, 99, 1, P.ACK, 64240)) is None
-    for short in (b"", b"\x45", b"\x45" + bytes(30), b"\x60" + bytes(50)):
-        assert P.syn_key(short) is None  # too short to hold the headers
