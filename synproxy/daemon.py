@@ -254,6 +254,11 @@ def _worker_main(opts: RunOptions, index: int, report: multiprocessing.connectio
         else:
             log.error("%s", err)  # the line names the worker
         sys.exit(1)
+    except Exception:  # a bug: logged under the worker's name (not multiprocessing's), then restarted
+        log.exception("stopped by an unexpected error; the supervisor restarts it")
+        if awaited and not serving:
+            tell("stopped by an unexpected error (traceback above)")
+        sys.exit(1)
 
 
 class Supervisor:
