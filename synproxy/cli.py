@@ -8,7 +8,9 @@ config file, built-in default.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import sys
 import tomllib
@@ -56,6 +58,16 @@ class AutoOrInt(click.ParamType):
         return number
 
 
+class FiniteRange(click.FloatRange):
+    """click.FloatRange without NaN (which passes any range check) or infinity."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
 class Mark(click.ParamType):
     """A packet mark, 1..2**32-1, in decimal or 0x hex (the README and the rules show 0x5350)."""
 
@@ -69,6 +81,32 @@ class Mark(click.ParamType):
         if not 0 < number < 2**32:
             self.fail(f"{value} is outside 1..0xffffffff", param, ctx)
         return number
+
+
+def _toml_type_error(param: click.Parameter, value: Any) -> str | None:
+    """What is wrong with the type of a config file value for `param`, if anything: click alone
+    would take `overload_backlog = true` as 1 and `workers = 2.9` as 2."""
+    if getattr(param, "is_flag", False):
+        return None if isinstance(value, bool) else "must be true or false"
+    if isinstance(param.type, click.types.IntParamType) and (isinstance(value, bool) or not isinstance(value, int)):
+        return "must be a whole number"
+    if isinstance(param.type, click.types.FloatParamType) and (
+            isinstance(value, bool) or not isinstance(value, (int, float))):
+        return "must be a number"
+    if isinstance(value, bool):
+        return "must not be true or false"
+    return None
+
+
+def _toml(value: Any) -> str:
+    """A value as the config file writes it (true, "text", [1, 2]), for error messages."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return repr(value)
 
 
 def load_config(path: Path, explicit: bool) -> dict[str, Any]:
@@ -115,32 +153,44 @@ class ConfigGroup(click.Group):
     def _file_value(ctx: click.Context, param: click.Parameter, key: str, value: Any, path: Path) -> Any:
         """A file value, checked here so that an error names the file and key (click would blame
         the environment variable); `port = 80` is taken as `port = [80]`."""
+        written = _toml(value)
         if param.multiple and not isinstance(value, list):
             value = [value]
+        for item in value if param.multiple else [value]:
+            wrong = _toml_type_error(param, item)
+            if wrong:
+                fail(f"{key} = {written} in {path}: {wrong}", 2)
         try:
             param.type_cast_value(ctx, value)
         except click.BadParameter as err:
-            fail(f"{key} = {value!r} in {path}: {err.message}", 2)
+            fail(f"{key} = {written} in {path}: {err.message}", 2)
         return value
 
     def _default_map(self, ctx: click.Context, data: dict[str, Any], path: Path) -> dict[str, Any]:
-        """File keys (long option names, underscores) -> each command's parameter names."""
-        known: set[str] = set()
+        """File keys (long option names of `run`, underscores) -> each command's parameter names.
+
+        Only `run`'s options are keys; other commands take those they share with it (ports,
+        queue, workers, mode, metrics_addr ...). What one call does (`dry_run`, `replace`,
+        `timeout` ...) is no configuration: from a file, `dry_run = true` made the rules
+        unit succeed without installing a rule."""
+
+        def keys(param: click.Parameter) -> list[str]:
+            return [opt.lstrip("-").replace("-", "_") for opt in getattr(param, "opts", [])]
+
+        allowed = {key for param in self.commands["run"].params for key in keys(param)}
 
         def for_command(cmd: click.Command) -> dict[str, Any]:
             if isinstance(cmd, click.Group):
                 return {name: for_command(sub) for name, sub in cmd.commands.items()}
             out: dict[str, Any] = {}
             for param in cmd.params:
-                for opt in getattr(param, "opts", []):
-                    key = opt.lstrip("-").replace("-", "_")
-                    if key in data and param.name:
+                for key in keys(param):
+                    if key in data and key in allowed and param.name:
                         out[param.name] = self._file_value(ctx, param, key, data[key], path)
-                        known.add(key)
             return out
 
         mapping = {name: for_command(cmd) for name, cmd in self.commands.items()}
-        unknown = sorted(set(data) - known - {"config", "log_level"})
+        unknown = sorted(set(data) - allowed - {"config", "log_level"})
         if unknown:
             fail(f"unknown key(s) in {path}: {', '.join(unknown)}", 2)
         return mapping
@@ -258,10 +308,10 @@ def _limit_options(func: Any) -> Any:
                    "one call per packet, segments up to 4016 bytes).")
 @click.option("--backend", "rules_backend", type=click.Choice(["iptables", "nft"]), default=None,
               envvar="SYNPROXY_BACKEND", show_envvar=True, help="Firewall tool for the rules [default: detected].")
-@click.option("--backend-timeout", type=click.FloatRange(0.1, 60), default=3.0, show_default=True,
+@click.option("--backend-timeout", type=FiniteRange(0.1, 60), default=3.0, show_default=True,
               envvar="SYNPROXY_BACKEND_TIMEOUT", show_envvar=True,
               help="Seconds to wait for the server's SYN-ACK before resetting the client.")
-@click.option("--idle-timeout", type=click.FloatRange(1), default=7440.0, show_default=True,
+@click.option("--idle-timeout", type=FiniteRange(1), default=7440.0, show_default=True,
               envvar="SYNPROXY_IDLE_TIMEOUT", show_envvar=True,
               help="Seconds an established connection may be idle before its state is dropped.")
 @click.option("--overload-backlog", type=click.IntRange(0, 1023), default=512, show_default=True,
@@ -463,7 +513,7 @@ def rules_show(ports: tuple[int, ...], queue: int, queues: int, mode: str, mark:
 
 
 @main.command()
-@click.option("--seconds", type=click.FloatRange(2, 120), default=10.0, show_default=True,
+@click.option("--seconds", type=FiniteRange(2, 120), default=10.0, show_default=True,
               help="Length of each flood (unprotected, then protected).")
 @click.option("--short", is_flag=True, help="A 4-second run of each phase (used by the tests).")
 @click.option("--rate", type=click.IntRange(0), default=20000, show_default=True,
@@ -515,7 +565,7 @@ def key_rotate(key_file: Path, create: bool) -> None:
 
 @main.command()
 @click.argument("target", metavar="HOST:PORT")
-@click.option("--timeout", type=click.FloatRange(0, min_open=True), default=3.0, show_default=True,
+@click.option("--timeout", type=FiniteRange(0, min_open=True), default=3.0, show_default=True,
               metavar="SECONDS", help="Seconds to wait for the server's SYN-ACK.")
 def probe(target: str, timeout: float) -> None:
     """Learn what a server announces (MSS, window scale, SACK, timestamps) from a real handshake.
@@ -556,7 +606,7 @@ def probe(target: str, timeout: float) -> None:
 @main.command()
 @click.option("--metrics-addr", default="127.0.0.1:9531", show_default=True, envvar="SYNPROXY_METRICS_ADDR",
               show_envvar=True, help="The exporter of the (first) worker.")
-@click.option("--interval", type=click.FloatRange(0.2, 60), default=1.0, show_default=True,
+@click.option("--interval", type=FiniteRange(0.2, 60), default=1.0, show_default=True,
               help="Seconds between the two scrapes rates are computed from.")
 def status(metrics_addr: str, interval: float) -> None:
     """A readable summary of the running daemon, from its metrics (all workers)."""

@@ -66,10 +66,30 @@ def test_config_file_and_environment(tmp_path: Path) -> None:
     assert "--dport 8443 " in cli("--config", str(conf), "rules", "install", "--dry-run", "--backend", "iptables").stdout
     conf.write_text('port = [8443]\nqueue = "abc"\nwscale = 15\n')
     bad = cli("--config", str(conf), "rules", "install", "--dry-run")  # the file's key is named, not an env var
-    assert bad.returncode == 2 and bad.stderr == f"synproxy: queue = 'abc' in {conf}: 'abc' is not a valid integer range.\n"
+    assert bad.returncode == 2 and bad.stderr == f'synproxy: queue = "abc" in {conf}: must be a whole number\n'
     conf.write_text('port = [8443]\nwscale = 15\n')
     bad = cli("--config", str(conf), "run")
     assert bad.returncode == 2 and bad.stderr == f"synproxy: wscale = 15 in {conf}: 15 is outside 0..14\n"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    # click alone took these as 1, 2 and True: shedding at one waiting SYN, two workers, fail-open
+    ("overload_backlog = true", "overload_backlog = true in {conf}: must be a whole number"),
+    ("workers = 2.9", "workers = 2.9 in {conf}: must be a whole number"),
+    ('queue_bypass = "yes"', 'queue_bypass = "yes" in {conf}: must be true or false'),
+    ('port = "eighty"', 'port = "eighty" in {conf}: must be a whole number'),
+    ("backend_timeout = true", "backend_timeout = true in {conf}: must be a number"),
+    ("idle_timeout = nan", "idle_timeout = nan in {conf}: nan is not a finite number"),
+    # what one call does is no configuration: the rules unit "succeeded" and installed nothing
+    ("dry_run = true", "unknown key(s) in {conf}: dry_run"),
+    ("replace = true\ninterval = 2.0", "unknown key(s) in {conf}: interval, replace"),
+])
+def test_config_file_values_of_the_wrong_kind_are_refused(tmp_path: Path, text: str, message: str) -> None:
+    conf = tmp_path / "synproxy.toml"
+    conf.write_text(f"port = [8443]\n{text}\n" if not text.startswith("port") else text + "\n")
+    for command in (["run"], ["rules", "install", "--backend", "iptables"]):
+        bad = cli("--config", str(conf), *command)
+        assert bad.returncode == 2 and bad.stderr == f"synproxy: {message.format(conf=conf)}\n", (command, bad.stderr)
 
 
 def test_not_root_is_one_clear_line() -> None:
@@ -86,7 +106,11 @@ def test_bad_values_are_one_line_errors() -> None:
                          (["probe", "localhost"], "HOST:PORT"),
                          (["run", "--port", "8080", "--metrics-addr", "fd00::1:9531"], "(IPv6: [ADDR]:PORT)"),
                          (["rules", "install", "--dry-run", "--port", "80", "--mark", "zz"], "not a number"),
-                         (["rules", "install", "--dry-run", "--port", "80", "--mark", "0"], "outside 1..0xffffffff")):
+                         (["rules", "install", "--dry-run", "--port", "80", "--mark", "0"], "outside 1..0xffffffff"),
+                         # NaN passes any range check: it crashed run (idle) or was taken (backend)
+                         (["run", "--port", "8080", "--idle-timeout", "nan"], "'nan' is not a finite number"),
+                         (["run", "--port", "8080", "--backend-timeout", "nan"], "'nan' is not a finite number"),
+                         (["status", "--interval", "nan"], "'nan' is not a finite number")):
         res = cli(*args)
         assert res.returncode == 2 and needle in res.stderr, (args, res.stderr)
 
