@@ -316,7 +316,8 @@ def _limit_options(func: Any) -> Any:
               help="Seconds an established connection may be idle before its state is dropped.")
 @click.option("--overload-backlog", type=click.IntRange(0, 1023), default=512, show_default=True,
               envvar="SYNPROXY_OVERLOAD_BACKLOG", show_envvar=True,
-              help="Once the kernel has had to drop SYNs from a worker's full 1024-SYN queue, the SYNs waiting at "
+              help="Once a worker's 1024-SYN queue has been full (the kernel dropped SYNs, or with --queue-bypass "
+                   "passed them to the server), the SYNs waiting at "
                    "which the worker is behind: it then sheds first attempts, remembers them for 4-8 s and "
                    "answers each one's first retransmission (0 = off: the kernel drops the overflow at random, "
                    "retransmissions included).")

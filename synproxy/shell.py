@@ -65,8 +65,9 @@ class LatencyHistogram:
 class OverloadGate:
     """Whether a worker is behind on its SYNs: the input Engine.overloaded.
 
-    Shedding starts when the kernel drops SYNs because the queue is full: only then
-    would SYNs be lost anyway, at random. A burst that fits the 1,024-SYN queue is
+    Shedding starts when the kernel drops SYNs because the queue is full, or the queue
+    is found full (with --queue-bypass the kernel passes the overflow to the server
+    instead, and counts nothing): only then would SYNs be lost anyway, at random. A burst that fits the 1,024-SYN queue is
     left alone: 1,000 connects at once from one host (a client pool reconnecting)
     drain in well under a second, and shedding whenever 512 were waiting made up to
     a third of them wait 1 s for their retransmission. From then on a full batch
@@ -82,11 +83,15 @@ class OverloadGate:
         self._dropped: int | None = None  # the queue's drop counter at the last look
         self._looked = float("-inf")
 
-    def update(self, waiting: int, dropped: int, now: float) -> bool:
-        """After a full batch: `waiting` SYNs behind it, the queue's drop counter. True: shed."""
+    def update(self, waiting: int, dropped: int, now: float, full: bool = False) -> bool:
+        """After a full batch: `waiting` SYNs behind it, the queue's drop counter, and whether
+        the queue is full. True: shed.
+
+        A full queue counts as a drop: with --queue-bypass the kernel passes what does not fit
+        to the server unprotected, and counts nothing."""
         if now < self._looked:  # the wall clock stepped back: start over from now
             self._shedding_until, self._dropped = float("-inf"), None
-        fresh = self._dropped is not None and dropped > self._dropped and now - self._looked < self.EXIT
+        fresh = full or (self._dropped is not None and dropped > self._dropped and now - self._looked < self.EXIT)
         self._dropped, self._looked = dropped, now
         if waiting < self.backlog:
             return False
@@ -336,6 +341,7 @@ class Shell:
             poller.register(fd, select.POLLIN)
         rounds = [self.TRAFFIC_BATCHES] + [1] * (len(queues) - 1)
         syn_queue = len(queues) - 1  # the SYN queue, or the only queue
+        syn_maxlen = self.SYN_QUEUE_MAXLEN if len(queues) > 1 else self._queue_maxlen
         gate = OverloadGate(self.overload_backlog)
         ready = [True] * len(queues)
         drops_due: float | None = None  # when held drop verdicts must leave
@@ -357,7 +363,8 @@ class Shell:
                         behind = False
                         if depth is not None and i == syn_queue and len(batch) >= want:
                             status = depth.status()
-                            behind = gate.update(status.waiting - queue.unanswered, status.dropped_queue_full, now)
+                            behind = gate.update(status.waiting - queue.unanswered, status.dropped_queue_full, now,
+                                                 full=status.waiting >= syn_maxlen)
                         if behind:
                             engine.overloaded = True
                             try:

@@ -157,3 +157,31 @@ def test_syn_flood_beyond_capacity_answers_retransmissions(px: Proxied) -> None:
     assert retried and delta("synproxy_syn_retries_answered_total") >= len(retried), summary
     assert overflow < 0.01 * syns, summary  # the kernel hardly had to drop any
     px.assert_only_validated_crossed(m0, syns0)
+
+
+def test_fail_open_syn_flood_beyond_capacity_is_shed_not_passed() -> None:
+    """--queue-bypass passes what does not fit a full queue to the server, unprotected, and the kernel
+    counts no drop. A full SYN queue must start the worker's shedding as a drop would: then the queue
+    stays short of full and hardly a SYN of hping3's full-speed flood crosses. (Before, no shedding
+    started: 470,018 SYNs crossed, more than the worker read, and 86 of 229 legitimate connections
+    failed: a legitimate SYN that crosses gets the server's own SYN-ACK, whose ACK the proxy drops.)"""
+    with proxied("local", clients=2, start=False) as p:
+        p.start_proxy("--queue-bypass")
+        p.count_server_syns()
+        m0, syns0 = p.metrics(), p.server_syns()
+        flood = p.lab.popen("client2", ["timeout", "12", "hping3", "-q", "-S", "-p", "8080", "--rand-source",
+                                        "--flood", "-c", "3000000", p.server_addr(4)])
+        out = during(flood, lambda: p.lab.run("client", [PYTHON, "-m", "synproxy.peers", "loop", p.url(4, "/"),
+                                                         "--seconds", "5", "--interval", "0.02", "--timeout", "3"],
+                                              timeout=30).stdout, "the legitimate client")
+        m1 = p.metrics()
+        key = 'synproxy_packets_sent_total{kind="syn"}'
+        crossed = p.server_syns() - syns0 - (m1.get(key, 0) - m0.get(key, 0))
+        syns = m1["synproxy_syn_received_total"] - m0["synproxy_syn_received_total"]
+        shed = m1.get('synproxy_shed_total{reason="overload"}', 0) - m0.get('synproxy_shed_total{reason="overload"}', 0)
+        results = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        summary = dict(crossed=crossed, syns=syns, shed=shed, attempts=len(results),
+                       failed=sum(not r["ok"] for r in results))
+        assert shed > 0.05 * syns, summary
+        assert crossed < 0.02 * syns, summary  # measured 221 and 6,936 of ~1,270,000
+        assert len(results) >= 150 and summary["failed"] <= 0.02 * len(results), summary

@@ -191,6 +191,16 @@ def test_shedding_starts_with_kernel_drops_and_lasts_while_behind_within_exit() 
     assert gate.update(600, 61, later - 99.98)
 
 
+def test_a_full_queue_starts_shedding_without_a_drop() -> None:
+    """--queue-bypass: the kernel passes what does not fit to the server and counts no drop, so a full
+    queue must start the shedding (it never did: the server got the flood's overflow unprotected)."""
+    gate = OverloadGate(512)
+    assert not gate.update(900, 0, 100.0)
+    assert gate.update(1000, 0, 100.001, full=True)
+    assert gate.update(600, 0, 100.01)  # behind within EXIT: still shedding
+    assert not gate.update(600, 0, 101.5)  # EXIT passed: neither full nor dropping, so not shed
+
+
 def test_drops_seen_long_ago_do_not_start_shedding() -> None:
     gate = OverloadGate(512)
     assert not gate.update(0, 10, 100.0)
