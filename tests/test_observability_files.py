@@ -37,7 +37,7 @@ from synproxy.engine import Direction, Engine, Send
 from synproxy.limits import LimitsConfig, Shed
 from synproxy.metrics import SynproxyCollector
 from synproxy import packet as P
-from synproxy.packet import ACK, RST
+from synproxy.packet import ACK, RST, SYN, TcpOptions
 from synproxy.shell import ShellStats
 
 from .e2e import synproxy_rules_in
@@ -484,6 +484,14 @@ class FloodSimulation:
         # The server stays silent: a timeout. A source per batch: the pending connections of earlier
         # batches count against max_established_per_source until they time out.
         self._validated_only(self._flow(bytes((198, 51, 100, self.n % 250 + 1))))
+        # Beyond capacity: the worker sheds first attempts and answers their retransmissions.
+        server = Flow().server
+        syns = [P.build(4, _addr(self.rng.getrandbits(16)), server, 20000 + k, 80, self.rng.getrandbits(32), 0, SYN,
+                        64240, TcpOptions(mss=1460)) for k in range(20)]
+        eng.overloaded = True
+        for raw in syns + syns[:5]:  # 20 shed, 5 of them sent again and answered
+            eng.handle_raw(raw, now)
+        eng.overloaded = False
         self.now += 1.0
         eng.handle_timer(self.now)  # SYN retries, then the silent server's timeout
         self.shell.packets += 360
@@ -575,7 +583,8 @@ def test_panel_queries_return_data_on_a_simulated_flood(tmp_path: Path) -> None:
         assert not nonfinite, "panels with NaN/Inf:\n" + "\n".join(nonfinite)
         # The engine really produced the labels the panels break down by.
         shed = {r["metric"]["reason"] for r in instant_query(base, "synproxy_shed_total")}
-        assert {Shed.SYNACK_RATE_SOURCE.value, Shed.PER_SOURCE_ESTABLISHED.value} <= shed
+        assert {Shed.SYNACK_RATE_SOURCE.value, Shed.PER_SOURCE_ESTABLISHED.value, Shed.OVERLOAD.value} <= shed
+        assert float(instant_query(base, "sum(synproxy_syn_retries_answered_total)")[0]["value"][1]) > 0
         outcomes = {r["metric"]["outcome"] for r in instant_query(base, "synproxy_backend_handshakes_total")}
         assert {"established", "refused", "timeout"} <= outcomes
         # The rules as Prometheus itself parsed them.
