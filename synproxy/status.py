@@ -146,7 +146,7 @@ def summary(before: Samples, after: Samples, seconds: float, workers: int) -> st
     verdict = "under a SYN flood" if syn > 1000 and valid < 0.1 * syn else "normal"
     if rate("synproxy_shed_total", reason="overload"):
         verdict += (", beyond capacity: first SYNs are shed, clients connect on a retransmission "
-                    "(add workers or cores)")
+                    f"({rate('synproxy_syn_retries_answered_total'):,.0f}/s answered; add workers or cores)")
     lines.insert(1, f"  state           {verdict}")
     return "\n".join(lines)
 

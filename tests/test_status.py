@@ -58,9 +58,11 @@ def test_flood_beyond_capacity_with_overload_shedding() -> None:
     before, after = scrape(1_000_000, 5_000, 0), scrape(1_080_000, 6_000, 0)
     before[("synproxy_shed_total", (("reason", "overload"),))] = 300_000.0
     after[("synproxy_shed_total", (("reason", "overload"),))] = 330_000.0
+    before[("synproxy_syn_retries_answered_total", ())] = 4_000.0
+    after[("synproxy_syn_retries_answered_total", ())] = 4_600.0
     text = summary(before, after, 2.0, 1)
     assert ("state           under a SYN flood, beyond capacity: first SYNs are shed, clients connect on a "
-            "retransmission (add workers or cores)") in text
+            "retransmission (300/s answered; add workers or cores)") in text
     assert "overload 15,000/s (330,000 total)" in text
     quiet = summary(scrape(1_000_000, 5_000, 0), scrape(1_080_000, 6_000, 0), 2.0, 1)
     assert "beyond capacity" not in quiet
