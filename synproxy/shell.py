@@ -215,7 +215,7 @@ class Shell:
     # meanwhile waits for up to one such round (~0.7 ms).
     SYN_BATCH_IDLE = 64
     # A short SYN queue: beyond capacity the kernel drops the excess either way, and a SYN
-    # that is answered should not first wait behind thousands (1024 is ~20 ms of work).
+    # that is answered should not first wait behind thousands (1024 is ~12 ms of work).
     SYN_QUEUE_MAXLEN = 1024
     # How long a drop verdict may wait to leave with others: at moderate flood rates the
     # proxy wakes for every SYN or two, and a write per wake-up was an eighth of its CPU.
