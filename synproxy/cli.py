@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import tomllib
 from pathlib import Path
@@ -109,6 +110,22 @@ def _toml(value: Any) -> str:
     return repr(value)
 
 
+def _with_origin(message: str) -> str:
+    """A message about `--some-option` that also names the config file or environment variable
+    the value came from (`max_pending = -1` in a file was reported as if --max-pending had been given)."""
+    ctx = click.get_current_context()
+    flag = re.match(r"--([a-z0-9-]+)", message)
+    if not flag:
+        return message
+    name = flag[1].replace("-", "_")
+    source = ctx.get_parameter_source(name)
+    if source is click.core.ParameterSource.DEFAULT_MAP:
+        return f"{name} in {ctx.meta.get('synproxy.config_path')}: {message}"
+    if source is click.core.ParameterSource.ENVIRONMENT:
+        return f"{message} (from SYNPROXY_{name.upper()})"
+    return message
+
+
 def load_config(path: Path, explicit: bool) -> dict[str, Any]:
     """The config file as a click default_map; a missing default file is fine."""
     if not path.exists():
@@ -134,6 +151,7 @@ class ConfigGroup(click.Group):
         path = Path(config_path) if explicit else DEFAULT_CONFIG
         data = load_config(path, explicit)
         if data:
+            ctx.meta["synproxy.config_path"] = path
             ctx.default_map = self._default_map(ctx, data, path)
             self._file_log_level(ctx, data, path)
         return super().invoke(ctx)
@@ -357,7 +375,7 @@ def run(
     try:
         limit_cfg = LimitsConfig(**limits)
     except ValueError as err:
-        fail(str(err), 2)
+        fail(_with_origin(str(err)), 2)
     _need_root("synproxy run")
     if install_rules and worker_index is None:
         backend = _backend(rules_backend)

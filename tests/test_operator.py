@@ -70,6 +70,14 @@ def test_config_file_and_environment(tmp_path: Path) -> None:
     conf.write_text('port = [8443]\nwscale = 15\n')
     bad = cli("--config", str(conf), "run")
     assert bad.returncode == 2 and bad.stderr == f"synproxy: wscale = 15 in {conf}: 15 is outside 0..14\n"
+    # A limit the file sets wrong is blamed on the file, one from the environment on its variable.
+    conf.write_text('port = [8443]\nmax_pending = -1\n')
+    bad = cli("--config", str(conf), "run")
+    assert bad.returncode == 2 and bad.stderr == (
+        f"synproxy: max_pending in {conf}: --max-pending must be 0 (unlimited) or more, got -1\n")
+    bad = cli("run", "--port", "8443", env={"SYNPROXY_MAX_PENDING": "-1"})
+    assert bad.returncode == 2 and bad.stderr == (
+        "synproxy: --max-pending must be 0 (unlimited) or more, got -1 (from SYNPROXY_MAX_PENDING)\n")
 
 
 @pytest.mark.parametrize(("text", "message"), [
