@@ -154,7 +154,18 @@ class ConfigGroup(click.Group):
             ctx.meta["synproxy.config_path"] = path
             ctx.default_map = self._default_map(ctx, data, path)
             self._file_log_level(ctx, data, path)
-        return super().invoke(ctx)
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as err:
+            if err.ctx is None or err.ctx.command is self:
+                raise
+            # A command's bad option value in one line, as every other configuration error
+            # (click writes four: usage, a hint, a blank line and the error).
+            message = err.format_message()
+            env = re.search(r" \(env var: '([A-Z0-9_]+)'\)", message)
+            if env and env[1] not in os.environ:  # the value came from a flag or the file
+                message = message.replace(env[0], "")
+            fail(f"{message} (see {err.ctx.command_path} --help)", err.exit_code)
 
     @staticmethod
     def _file_log_level(ctx: click.Context, data: dict[str, Any], path: Path) -> None:

@@ -118,9 +118,15 @@ def test_bad_values_are_one_line_errors() -> None:
                          # NaN passes any range check: it crashed run (idle) or was taken (backend)
                          (["run", "--port", "8080", "--idle-timeout", "nan"], "'nan' is not a finite number"),
                          (["run", "--port", "8080", "--backend-timeout", "nan"], "'nan' is not a finite number"),
-                         (["status", "--interval", "nan"], "'nan' is not a finite number")):
+                         (["status", "--interval", "nan"], "'nan' is not a finite number"),
+                         # click's own checks: one line too (click writes four), no env var named for a flag
+                         (["run", "--port", "8080", "--overload-backlog", "-1"],
+                          "synproxy: Invalid value for '--overload-backlog': -1 is not in the range 0<=x<=1023. "
+                          "(see synproxy run --help)"),
+                         (["run", "--config", "x"], "No such option '--config'")):
         res = cli(*args)
         assert res.returncode == 2 and needle in res.stderr, (args, res.stderr)
+        assert res.stderr.startswith("synproxy: ") and res.stderr.count("\n") == 1, (args, res.stderr)
 
 
 
