@@ -193,7 +193,9 @@ def _explain(tool: str, stderr: str) -> str:
                             ("addrtype", "the addrtype match (xt_addrtype)"), ("fib", "nft fib (nft_fib)")):
         if needle in text and ("load" in text or "No such file" in text or "not supported" in text
                                or "No chain/target/match" in text):
-            return f"the kernel lacks {feature}: load the module or use a kernel with netfilter queue support"
+            hint = ("use --backend iptables (its NFQUEUE target needs no nft_queue), or load the module"
+                    if needle == "queue" else "load the module or use a kernel with netfilter queue support")
+            return f"the kernel lacks {feature}: {hint}"
     return f"{name} failed: {text or 'no message'}"
 
 
