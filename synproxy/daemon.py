@@ -11,6 +11,7 @@ ready once the rules are in place.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -218,8 +219,22 @@ def serve_queue(
             log.info("queue %d stopped; %d connections were open", queue, len(engine.conns))
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with(supervisor: int) -> None:
+    """SIGTERM this worker when its supervisor dies, however it dies. A SIGKILLed supervisor
+    left its workers serving as orphans, holding the queues and metrics ports, so the next
+    `synproxy run` could not start."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        log.warning("cannot ask to be stopped with the supervisor: %s", os.strerror(ctypes.get_errno()))
+    if os.getppid() != supervisor:  # it died before the request took effect
+        os._exit(1)
+
+
 def _worker_main(opts: RunOptions, index: int, report: multiprocessing.connection.Connection,
-                 awaited: bool = False) -> None:
+                 awaited: bool = False, supervisor: int | None = None) -> None:
     """A supervised worker: it reports None once serving, or why it could not start.
 
     While the supervisor awaits its start (`awaited`, the first start) the supervisor prints
@@ -231,6 +246,8 @@ def _worker_main(opts: RunOptions, index: int, report: multiprocessing.connectio
     # Not the supervisor's handler, inherited by the fork: a SIGTERM before the worker serves
     # (the supervisor giving up its start) must end it; the shell installs its own when serving.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if supervisor is not None:
+        _die_with(supervisor)
     os.environ.pop("NOTIFY_SOCKET", None)  # the supervisor speaks for the service
 
     def tell(message: str | None) -> None:
@@ -279,7 +296,7 @@ class Supervisor:
     def start(self, i: int, awaited: bool = False) -> None:
         """Start worker i; `awaited`: await_ready() will read (and say) why it could not start."""
         receive, send = self.ctx.Pipe(duplex=False)
-        proc = self.ctx.Process(target=_worker_main, args=(self.opts, i, send, awaited),
+        proc = self.ctx.Process(target=_worker_main, args=(self.opts, i, send, awaited, os.getpid()),
                                 name=f"synproxy-worker-{i}", daemon=False)
         proc.start()
         send.close()  # the worker holds the other copy: its exit reads as EOF here

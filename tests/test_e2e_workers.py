@@ -72,7 +72,8 @@ def test_two_workers_share_the_flood_and_serve_clients(px2: Proxied) -> None:
 def proxy_pids(px: Proxied) -> set[int]:
     """synproxy processes in this lab's server namespace (pgrep alone would see other labs' too)."""
     mine = {int(p) for p in px.lab.run("server", ["ip", "netns", "pids", px.lab.netns("server")]).stdout.split()}
-    return mine & {int(p) for p in px.lab.run("server", ["pgrep", "-f", "synproxy run"]).stdout.split()}
+    found = px.lab.run("server", ["pgrep", "-f", "synproxy run"], check=False).stdout  # exit 1: none
+    return mine & {int(p) for p in found.split()}
 
 
 def test_dead_worker_is_restarted(px2: Proxied) -> None:
@@ -88,3 +89,20 @@ def test_dead_worker_is_restarted(px2: Proxied) -> None:
         res = px2.client("many", px2.url(4, "/"), "--count", "10", "--concurrency", "2", host=client)
         assert res["ok"] == 10, res
 
+
+
+def test_workers_stop_with_a_killed_supervisor_and_run_starts_again() -> None:
+    """A SIGKILLed supervisor takes its workers with it (they served on as orphans, holding the queues
+    and metrics ports, so the next `synproxy run` could not start); the rules it left are taken over."""
+    with proxied("local", start=False) as px:
+        px.start_proxy("--workers", "2")
+        assert px.proc is not None and len(proxy_pids(px)) == 3
+        px.proc.kill()
+        px.proc.wait(5)
+        deadline = time.monotonic() + 5
+        while proxy_pids(px) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not proxy_pids(px)
+        px.start_proxy("--workers", "2")
+        res = px.client("many", px.url(4, "/"), "--count", "10", "--concurrency", "2")
+        assert res["ok"] == 10, res
