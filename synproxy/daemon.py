@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .cookie import CookieMaker
@@ -31,6 +32,9 @@ from .keys import KeyFileError, KeyFileWatcher, KeyRing, load_or_create
 from .limits import LimitsConfig
 from .sdnotify import notify
 from .shell import Binding, ShellError
+
+if TYPE_CHECKING:
+    from .rules import Backend
 
 log = logging.getLogger("synproxy")
 
@@ -138,6 +142,18 @@ def _install_rules(opts: RunOptions, what: str):  # type: ignore[no-untyped-def]
     log.info("installed %s rules %s(config %s)", backend.value, what, cfg.fingerprint)
     return backend
 
+def _remove_own_rules(opts: RunOptions, backend: Backend) -> None:
+    """On a clean stop, the rules this run installed go; rules installed over them meanwhile stay."""
+    from . import rules
+
+    fingerprint = _rule_config(opts).fingerprint
+    if rules.remove(backend, run_fingerprint=fingerprint):
+        log.info("removed the %s rules", backend.value)
+    else:
+        log.info("left the %s rules in place: they are no longer the ones this run installed (config %s)",
+                 backend.value, fingerprint)
+
+
 READY_LINE = "synproxy ready"  # logged once the service protects (or serves, with --no-rules)
 
 
@@ -213,8 +229,7 @@ def serve_queue(
         shell.run(on_bound=on_bound)
     finally:
         for backend in installed:
-            rules.remove(backend)
-            log.info("removed the %s rules", backend.value)
+            _remove_own_rules(opts, backend)
         if serving:
             log.info("queue %d stopped; %d connections were open", queue, len(engine.conns))
 
@@ -359,8 +374,6 @@ class Supervisor:
 
 def supervise(opts: RunOptions) -> None:
     """Run `opts.workers` workers; rules once all serve; READY=1 for systemd once the rules are in."""
-    from . import rules
-
     load_or_create(opts.key_file, time.time())  # create it once, before the workers race for it
     sup = Supervisor(opts)
 
@@ -382,8 +395,7 @@ def supervise(opts: RunOptions) -> None:
     finally:
         sup.stop_workers()
         if backend is not None:
-            rules.remove(backend)
-            log.info("removed the %s rules", backend.value)
+            _remove_own_rules(opts, backend)
         for sig, handler in old.items():
             signal.signal(sig, handler)
         log.info("stopped")

@@ -360,16 +360,25 @@ def _unquote(words: list[str]) -> list[str]:
     return out
 
 
-def remove(backend: Backend) -> bool:
-    """Remove synproxy's rules (only them); False when there were none."""
+def remove(backend: Backend, run_fingerprint: str | None = None) -> bool:
+    """Remove synproxy's rules (only them); False when there were none.
+
+    With `run_fingerprint` (a stopping `synproxy run`), only rules of that configuration that
+    a run installed: ones `synproxy rules install` put in place meanwhile (say with --replace)
+    are the operator's and stay; a stopping run removed them, leaving the ports unprotected.
+    """
+    def ours(installed: Installed) -> bool:
+        return installed.present and (run_fingerprint is None or (
+            installed.fingerprint == run_fingerprint and installed.owner is Owner.RUN))
+
     if backend is Backend.NFT:
-        if not _nft_installed().present:
+        if not ours(_nft_installed()):
             return False
         _run([_tool("nft"), "delete", "table", "inet", NFT_TABLE])
         return True
     found = False
     for binary in ("iptables", "ip6tables"):
-        if not _iptables_installed(binary).present:
+        if not ours(_iptables_installed(binary)):
             continue
         found = True
         tool = _tool(binary)

@@ -106,6 +106,21 @@ def test_operator_rules_with_their_own_mark_are_used_and_left_in_place() -> None
         px.lab.run("server", [SYNPROXY, "rules", "remove"])
 
 
+def test_rules_replaced_while_run_serves_stay_when_it_stops() -> None:
+    """`rules install --replace` over the rules a run installed makes them the operator's: the run,
+    stopping, leaves them (it removed them, leaving the new configuration's ports unprotected)."""
+    with proxied("local", start=False) as px:
+        px.start_proxy()
+        other = px.queue + 7
+        px.lab.run("server", [SYNPROXY, "rules", "install", "--replace", "--port", str(SERVER_PORT),
+                              "--queue", str(other), "--backend", "iptables"])
+        assert px.stop_proxy() == 0
+        shown = px.lab.run("server", [SYNPROXY, "rules", "show", "--backend", "iptables"]).stdout
+        assert f"--queue-num {other}" in shown and "installed by synproxy rules install" in shown, shown
+        assert "left the iptables rules in place" in px.log() and "removed the" not in px.log()
+        px.lab.run("server", [SYNPROXY, "rules", "remove"])
+
+
 def test_rules_a_killed_run_left_are_taken_over_and_removed() -> None:
     """A clean stop removes the rules `run` installed, also those a killed predecessor left."""
     with proxied("local") as px:
