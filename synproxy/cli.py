@@ -583,14 +583,25 @@ def key_rotate(key_file: Path, create: bool) -> None:
     """
     import time as _time
 
-    from .keys import KeyFileError, rotate
+    from .cookie import CookieMaker
+    from .keys import KeyFileError, load, rotate
 
+    now = _time.time()
     try:
-        ring = rotate(key_file, _time.time(), create=create)
+        before = load(key_file)
+    except KeyFileError:
+        before = None  # missing (rotate says so, or creates it) or unreadable (rotate says why)
+    try:
+        ring = rotate(key_file, now, create=create)
     except KeyFileError as err:
         fail(str(err))
     what = "created" if ring.generation == 1 else "rotated"
     click.echo(f"{what} {key_file}: key {ring.key_id}, generation {ring.generation}")
+    # A cookie lives up to two slots; the key before the previous one is no longer checked at all.
+    life = 2 * CookieMaker.SLOT_SECONDS
+    if before is not None and before.previous is not None and now - before.rotated_at < life:
+        click.echo(f"warning: the previous rotation was {now - before.rotated_at:.0f} s ago: handshakes whose "
+                   f"SYN-ACK left before it now fail to validate; rotate at most every {life} s", err=True)
 
 
 @main.command()

@@ -132,7 +132,9 @@ class _SlotKeys:
 class CookieMaker:
     """Makes and checks cookies; holds the keys and their caches (one per engine)."""
 
-    def __init__(self, keyring: KeyRing, slot_seconds: int = 64, rotation_grace: float = 5.0) -> None:
+    SLOT_SECONDS = 64  # a cookie is valid in its slot and the next: 64-128 s
+
+    def __init__(self, keyring: KeyRing, slot_seconds: int = SLOT_SECONDS, rotation_grace: float = 5.0) -> None:
         """`rotation_grace`: seconds after a rotation during which another worker
         may still make cookies with the old key (workers poll the key file about
         once a second); those cookies keep their full two-slot lifetime."""

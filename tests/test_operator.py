@@ -139,3 +139,14 @@ def test_capabilities_suffice_without_root() -> None:
     )
     assert lab_free.returncode == 0, lab_free.stderr
     assert "needs root" not in lab_free.stderr
+
+
+def test_key_rotate_warns_when_rotations_come_too_close(tmp_path: Path) -> None:
+    """A cookie lives up to 128 s; the key before the previous rotation is not checked at all, so a
+    second rotation within that time breaks handshakes in flight with the oldest key: say so."""
+    key = str(tmp_path / "cookie.key")
+    first, second = cli("key", "rotate", "--key-file", key, "--create"), cli("key", "rotate", "--key-file", key)
+    assert first.returncode == second.returncode == 0 and not first.stderr and not second.stderr  # nothing to break
+    third = cli("key", "rotate", "--key-file", key)
+    assert third.returncode == 0 and "generation 3" in third.stdout
+    assert third.stderr.startswith("warning: the previous rotation was 0 s ago") and "at most every 128 s" in third.stderr
