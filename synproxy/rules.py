@@ -80,9 +80,10 @@ class RuleConfig:
     @property
     def fingerprint(self) -> str:
         """Short id of this configuration, stored with the installed rules."""
-        # "syn-queue": the layout with separate SYN queues (rules of earlier versions differ).
+        # The layout: "syn-queue", separate SYN queues; "lo", the host's own connections pass (local
+        # mode). Rules of earlier layouts differ, so they count as another configuration.
         text = f"{sorted(set(self.ports))}|{self.queue}|{self.queues}|{self.mode.value}|{self.mark}|{self.bypass}" \
-               "|syn-queue"
+               "|syn-queue|lo"
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
