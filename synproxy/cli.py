@@ -12,16 +12,18 @@ import json
 import logging
 import math
 import os
-import re
 import sys
 import tomllib
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 from click.core import ParameterSource
 
 from . import __version__
+
+if TYPE_CHECKING:
+    from .limits import LimitError
 
 DEFAULT_CONFIG = Path("/etc/synproxy/synproxy.toml")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -110,20 +112,16 @@ def _toml(value: Any) -> str:
     return repr(value)
 
 
-def _with_origin(message: str) -> str:
-    """A message about `--some-option` that also names the config file or environment variable
-    the value came from (`max_pending = -1` in a file was reported as if --max-pending had been given)."""
+def _with_origin(err: LimitError) -> str:
+    """A bad limit's message, naming the config file or environment variable the value came from
+    (`max_pending = -1` in a file was reported as if --max-pending had been given)."""
     ctx = click.get_current_context()
-    flag = re.match(r"--([a-z0-9-]+)", message)
-    if not flag:
-        return message
-    name = flag[1].replace("-", "_")
-    source = ctx.get_parameter_source(name)
-    if source is click.core.ParameterSource.DEFAULT_MAP:
-        return f"{name} in {ctx.meta.get('synproxy.config_path')}: {message}"
-    if source is click.core.ParameterSource.ENVIRONMENT:
-        return f"{message} (from SYNPROXY_{name.upper()})"
-    return message
+    source = ctx.get_parameter_source(err.key)
+    if source is ParameterSource.DEFAULT_MAP:
+        return f"{err.key} in {ctx.meta.get('synproxy.config_path')}: {err}"
+    if source is ParameterSource.ENVIRONMENT:
+        return f"{err} (from SYNPROXY_{err.key.upper()})"
+    return str(err)
 
 
 def load_config(path: Path, explicit: bool) -> dict[str, Any]:
@@ -162,9 +160,10 @@ class ConfigGroup(click.Group):
             # A command's bad option value in one line, as every other configuration error
             # (click writes four: usage, a hint, a blank line and the error).
             message = err.format_message()
-            env = re.search(r" \(env var: '([A-Z0-9_]+)'\)", message)
-            if env and env[1] not in os.environ:  # the value came from a flag or the file
-                message = message.replace(env[0], "")
+            param = getattr(err, "param", None)  # a BadParameter's option
+            if isinstance(param, click.Option) and isinstance(param.envvar, str) and param.envvar not in os.environ:
+                # click names the environment variable even when the value came from a flag
+                message = f"Invalid value for {' / '.join(repr(o) for o in param.opts)}: {err.message}"
             fail(f"{message} (see {err.ctx.command_path} --help)", err.exit_code)
 
     @staticmethod
@@ -365,7 +364,7 @@ def run(
     """
     from .daemon import RunOptions, run as run_daemon
     from .keys import KeyFileError
-    from .limits import LimitsConfig
+    from .limits import LimitError, LimitsConfig
     from .metrics import parse_addr
     from .rules import RulesError, render
     from .shell import ShellError
@@ -385,8 +384,8 @@ def run(
                  f"(ports {metrics_port}..{metrics_port + workers - 1}): choose a port below {65536 - workers + 1}", 2)
     try:
         limit_cfg = LimitsConfig(**limits)
-    except ValueError as err:
-        fail(_with_origin(str(err)), 2)
+    except LimitError as err:
+        fail(_with_origin(err), 2)
     _need_root("synproxy run")
     if install_rules and worker_index is None:
         backend = _backend(rules_backend)
@@ -597,11 +596,10 @@ def key_rotate(key_file: Path, create: bool) -> None:
         fail(str(err))
     what = "created" if ring.generation == 1 else "rotated"
     click.echo(f"{what} {key_file}: key {ring.key_id}, generation {ring.generation}")
-    # A cookie lives up to two slots; the key before the previous one is no longer checked at all.
-    life = 2 * CookieMaker.SLOT_SECONDS
-    if before is not None and before.previous is not None and now - before.rotated_at < life:
+    if before is not None and CookieMaker.rotation_breaks_handshakes(before, now):
         click.echo(f"warning: the previous rotation was {now - before.rotated_at:.0f} s ago: handshakes whose "
-                   f"SYN-ACK left before it now fail to validate; rotate at most every {life} s", err=True)
+                   f"SYN-ACK left before it now fail to validate; rotate at most every {CookieMaker.LIFETIME} s",
+                   err=True)
 
 
 @main.command()

@@ -133,6 +133,14 @@ class CookieMaker:
     """Makes and checks cookies; holds the keys and their caches (one per engine)."""
 
     SLOT_SECONDS = 64  # a cookie is valid in its slot and the next: 64-128 s
+    LIFETIME = 2 * SLOT_SECONDS  # the longest a cookie made with the default slots validates
+
+    @classmethod
+    def rotation_breaks_handshakes(cls, ring: KeyRing, now: float) -> bool:
+        """Whether rotating `ring` at `now` drops a key that cookies in flight may carry: `check`
+        tries only the current and the previous key, so a second rotation within a cookie's
+        lifetime stops checking the key before the first one."""
+        return ring.previous is not None and now - ring.rotated_at < cls.LIFETIME
 
     def __init__(self, keyring: KeyRing, slot_seconds: int = SLOT_SECONDS, rotation_grace: float = 5.0) -> None:
         """`rotation_grace`: seconds after a rotation during which another worker

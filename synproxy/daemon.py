@@ -129,7 +129,7 @@ def run(opts: RunOptions) -> None:
         notify("STOPPING=1")
 
 
-def _install_rules(opts: RunOptions, what: str):  # type: ignore[no-untyped-def]
+def _install_rules(opts: RunOptions, what: str) -> Backend | None:
     """Install the rules once the queues are read; the backend whose rules this process must
     remove on a clean stop, or None when they are the operator's (`synproxy rules install`)."""
     from . import rules
@@ -142,16 +142,17 @@ def _install_rules(opts: RunOptions, what: str):  # type: ignore[no-untyped-def]
     log.info("installed %s rules %s(config %s)", backend.value, what, cfg.fingerprint)
     return backend
 
+
 def _remove_own_rules(opts: RunOptions, backend: Backend) -> None:
     """On a clean stop, the rules this run installed go; rules installed over them meanwhile stay."""
     from . import rules
 
-    fingerprint = _rule_config(opts).fingerprint
-    if rules.remove(backend, run_fingerprint=fingerprint):
+    cfg = _rule_config(opts)
+    if rules.remove(backend, run_cfg=cfg):
         log.info("removed the %s rules", backend.value)
     else:
         log.info("left the %s rules in place: they are no longer the ones this run installed (config %s)",
-                 backend.value, fingerprint)
+                 backend.value, cfg.fingerprint)
 
 
 READY_LINE = "synproxy ready"  # logged once the service protects (or serves, with --no-rules)

@@ -49,25 +49,34 @@ class LimitsConfig:
     synack_buckets: int = 1 << 16  # size of the hashed bucket array (a power of two)
 
     def __post_init__(self) -> None:
-        # Messages name the option (--max-pending; config key max_pending): the operator's words.
+        # Each error names the option (LimitError): --max-pending, config key max_pending.
         for name in ("max_pending_per_source", "max_established_per_source", "max_pending", "max_established"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{_flag(name)} must be 0 (unlimited) or more, got {getattr(self, name)}")
+                raise LimitError(name, f"must be 0 (unlimited) or more, got {getattr(self, name)}")
         if not 1 <= self.source_prefix_v4 <= 32:
-            raise ValueError(f"{_flag('source_prefix_v4')} must be 1..32, got {self.source_prefix_v4}")
+            raise LimitError("source_prefix_v4", f"must be 1..32, got {self.source_prefix_v4}")
         if not 1 <= self.source_prefix_v6 <= 128:
-            raise ValueError(f"{_flag('source_prefix_v6')} must be 1..128, got {self.source_prefix_v6}")
+            raise LimitError("source_prefix_v6", f"must be 1..128, got {self.source_prefix_v6}")
         for name in ("synack_rate_per_source", "synack_rate_global"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{_flag(name)} must be a number of SYN-ACKs per second, 0 (unlimited) or more, "
+                raise LimitError(name, f"must be a number of SYN-ACKs per second, 0 (unlimited) or more, "
                                  f"got {value}")
         # A bucket that never holds one token answers nobody: every SYN would be shed.
         if not (math.isfinite(self.synack_burst_per_source) and self.synack_burst_per_source >= 1):
-            raise ValueError(f"{_flag('synack_burst_per_source')} must be at least 1 SYN-ACK, "
+            raise LimitError("synack_burst_per_source", f"must be at least 1 SYN-ACK, "
                              f"got {self.synack_burst_per_source}")
         if self.synack_buckets <= 0 or self.synack_buckets & (self.synack_buckets - 1):
-            raise ValueError("synack_buckets must be a power of two")
+            raise ValueError("synack_buckets must be a power of two")  # not an operator's option
+
+
+class LimitError(ValueError):
+    """A bad limit, in the operator's words (`--max-pending must be ...`); `key` is the field,
+    which is also the option's config key, so the CLI can say where the value came from."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{_flag(key)} {problem}")
+        self.key = key
 
 
 def _flag(name: str) -> str:

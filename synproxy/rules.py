@@ -251,6 +251,10 @@ class Installed:
     text: str  # the rules as the tool lists them
     owner: Owner = Owner.OPERATOR
 
+    def are(self, cfg: RuleConfig, owner: Owner) -> bool:
+        """Present, of this configuration, installed by this owner."""
+        return self.present and self.fingerprint == cfg.fingerprint and self.owner is owner
+
 
 def _iptables_installed(binary: str) -> Installed:
     save = _run([_tool(f"{binary}-save"), "-t", "raw"], check=False).stdout
@@ -287,7 +291,7 @@ def install(cfg: RuleConfig, backend: Backend, replace: bool = False, owner: Own
     Refuses, with RulesError, rules of another configuration unless `replace`.
     """
     installed = show(backend)
-    if all(i.present and i.fingerprint == cfg.fingerprint and i.owner is owner for _, i in installed):
+    if all(i.are(cfg, owner) for _, i in installed):
         return False
     other = [i for _, i in installed if i.present and i.fingerprint != cfg.fingerprint]
     if other and not replace:
@@ -312,7 +316,7 @@ def install_for_run(cfg: RuleConfig, backend: Backend) -> bool:
     place (False). Rules a killed `synproxy run` left behind are taken over.
     """
     installed = show(backend)
-    if all(i.present and i.fingerprint == cfg.fingerprint and i.owner is Owner.OPERATOR for _, i in installed):
+    if all(i.are(cfg, Owner.OPERATOR) for _, i in installed):
         return False
     install(cfg, backend, owner=Owner.RUN)
     return True
@@ -361,16 +365,15 @@ def _unquote(words: list[str]) -> list[str]:
     return out
 
 
-def remove(backend: Backend, run_fingerprint: str | None = None) -> bool:
+def remove(backend: Backend, run_cfg: RuleConfig | None = None) -> bool:
     """Remove synproxy's rules (only them); False when there were none.
 
-    With `run_fingerprint` (a stopping `synproxy run`), only rules of that configuration that
+    With `run_cfg` (a stopping `synproxy run`), only rules of that configuration that
     a run installed: ones `synproxy rules install` put in place meanwhile (say with --replace)
     are the operator's and stay; a stopping run removed them, leaving the ports unprotected.
     """
     def ours(installed: Installed) -> bool:
-        return installed.present and (run_fingerprint is None or (
-            installed.fingerprint == run_fingerprint and installed.owner is Owner.RUN))
+        return installed.present if run_cfg is None else installed.are(run_cfg, Owner.RUN)
 
     if backend is Backend.NFT:
         if not ours(_nft_installed()):
