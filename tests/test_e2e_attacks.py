@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -126,6 +127,19 @@ def test_download_through_a_syn_flood(px: Proxied) -> None:
     px.assert_only_validated_crossed(m0, syns0)
 
 
+def connects_during_full_speed_flood(px: Proxied, attacker: str, flood_seconds: int,
+                                     client_seconds: int) -> list[dict[str, Any]]:
+    """A legitimate connection every 20 ms (3 s timeout) while hping3 floods at full speed, bounded in
+    time and count: one result per connection."""
+    flood = px.lab.popen(attacker, ["timeout", str(flood_seconds), "hping3", "-q", "-S", "-p", "8080",
+                                    "--rand-source", "--flood", "-c", "3000000", px.server_addr(4)])
+    out = during(flood, lambda: px.lab.run("client", [PYTHON, "-m", "synproxy.peers", "loop", px.url(4, "/"),
+                                                      "--seconds", str(client_seconds), "--interval", "0.02",
+                                                      "--timeout", "3"], timeout=30).stdout,
+                 "the legitimate client")
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
 def test_syn_flood_beyond_capacity_answers_retransmissions(px: Proxied) -> None:
     """hping3 at full speed offers more SYNs than one worker answers. The worker sheds first
     attempts itself, before the kernel would drop the queue's overflow at random, and answers
@@ -134,17 +148,12 @@ def test_syn_flood_beyond_capacity_answers_retransmissions(px: Proxied) -> None:
     20-25% of this flood's SYNs, retransmissions included; in the flood benchmark 1-4 of about 300
     legitimate connections failed per run, none in two runs of this test.)"""
     m0, syns0 = px.metrics(), px.server_syns()
-    flood = px.lab.popen("client3", ["timeout", "11", "hping3", "-q", "-S", "-p", "8080", "--rand-source", "--flood",
-                                     "-c", "3000000", px.server_addr(4)])
-    out = during(flood, lambda: px.lab.run("client", [PYTHON, "-m", "synproxy.peers", "loop", px.url(4, "/"),
-                                                      "--seconds", "6", "--interval", "0.02", "--timeout", "3"],
-                                           timeout=30).stdout, "the legitimate client")
+    results = connects_during_full_speed_flood(px, "client3", 11, 6)
     m1 = px.metrics()
 
     def delta(name: str) -> float:
         return m1[name] - m0.get(name, 0)
 
-    results = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     failed = [r for r in results if not r["ok"]]
     retried = [r for r in results if r["ok"] and r["connect_ms"] >= 900]
     shed = delta('synproxy_shed_total{reason="overload"}')
@@ -169,17 +178,12 @@ def test_fail_open_syn_flood_beyond_capacity_is_shed_not_passed() -> None:
         p.start_proxy("--queue-bypass")
         p.count_server_syns()
         m0, syns0 = p.metrics(), p.server_syns()
-        flood = p.lab.popen("client2", ["timeout", "12", "hping3", "-q", "-S", "-p", "8080", "--rand-source",
-                                        "--flood", "-c", "3000000", p.server_addr(4)])
-        out = during(flood, lambda: p.lab.run("client", [PYTHON, "-m", "synproxy.peers", "loop", p.url(4, "/"),
-                                                         "--seconds", "5", "--interval", "0.02", "--timeout", "3"],
-                                              timeout=30).stdout, "the legitimate client")
+        results = connects_during_full_speed_flood(p, "client2", 12, 5)
         m1 = p.metrics()
         key = 'synproxy_packets_sent_total{kind="syn"}'
         crossed = p.server_syns() - syns0 - (m1.get(key, 0) - m0.get(key, 0))
         syns = m1["synproxy_syn_received_total"] - m0["synproxy_syn_received_total"]
         shed = m1.get('synproxy_shed_total{reason="overload"}', 0) - m0.get('synproxy_shed_total{reason="overload"}', 0)
-        results = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
         summary = dict(crossed=crossed, syns=syns, shed=shed, attempts=len(results),
                        failed=sum(not r["ok"] for r in results))
         assert shed > 0.05 * syns, summary
