@@ -205,12 +205,16 @@ def _conn(url: str, timeout: float) -> tuple[http.client.HTTPConnection, str]:
     return conn, parts.path or "/"
 
 
-def get(url: str, timeout: float = 30.0) -> dict[str, object]:
-    """One GET; returns status, size, sha256 and timings."""
+def get(url: str, timeout: float = 30.0, where: dict[str, object] | None = None) -> dict[str, object]:
+    """One GET; returns status, size, sha256 and timings. `where` gets the step under way
+    and the local port, for a caller that reports a failure."""
+    where = {} if where is None else where
     start = time.perf_counter()
     conn, path = _conn(url, timeout)
+    where["step"] = "connect"
     conn.connect()
     connected = time.perf_counter()
+    where.update(step="response", port=conn.sock.getsockname()[1])
     conn.request("GET", path)
     resp = conn.getresponse()
     h = hashlib.sha256()
@@ -278,13 +282,15 @@ def loop(url: str, seconds: float, interval: float, timeout: float) -> None:
     lock = threading.Lock()
 
     def attempt(started: float) -> None:
+        where: dict[str, object] = {}
         try:
-            res = get(url, timeout)
-            ok, ms = res["status"] == 200, float(res["connect_s"]) * 1000  # type: ignore[arg-type]
-        except OSError:
-            ok, ms = False, None
+            res = get(url, timeout, where)
+            line = {"ok": res["status"] == 200, "connect_ms": float(res["connect_s"]) * 1000}  # type: ignore[arg-type]
+        except OSError as e:  # which step failed, and the port to look for in a capture
+            line = {"ok": False, "connect_ms": None, "error": f"{where.get('step', 'connect')}: {e}",
+                    "port": where.get("port")}
         with lock:
-            print(json.dumps({"t": started, "ok": ok, "connect_ms": ms}), flush=True)
+            print(json.dumps({"t": started, **line}), flush=True)
 
     threads = []
     start = time.monotonic()
