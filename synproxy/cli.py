@@ -648,18 +648,21 @@ def probe(target: str, timeout: float) -> None:
 @click.option("--interval", type=FiniteRange(0.2, 60), default=1.0, show_default=True,
               help="Seconds between the two scrapes rates are computed from.")
 def status(metrics_addr: str, interval: float) -> None:
-    """A readable summary of the running daemon, from its metrics (all workers)."""
+    """A readable summary of the running daemon, from its metrics (all workers).
+
+    Exits 1 if a worker does not answer (the summary is of the others), 0 otherwise."""
     import time as _time
 
     from .metrics import parse_addr
-    from .status import NotSynproxy, label_workers, scrape, summary, worker_addrs
+    from .status import NotSynproxy, find_workers, label_workers, scrape, summary
 
     try:
         parse_addr(metrics_addr)
     except ValueError as err:
         fail(str(err), 2)
     try:
-        addrs = worker_addrs(metrics_addr)
+        workers = find_workers(metrics_addr)
+        addrs = workers.answering
     except NotSynproxy as err:
         fail(str(err))
     except OSError:
@@ -671,4 +674,6 @@ def status(metrics_addr: str, interval: float) -> None:
         after = label_workers([scrape(addr) for addr in addrs])
     except (OSError, NotSynproxy) as err:
         fail(f"reading metrics failed: {err}")
-    click.echo(summary(before, after, interval, len(addrs)))
+    click.echo(summary(before, after, interval, workers))
+    if workers.missing:
+        sys.exit(1)

@@ -202,7 +202,7 @@ def serve_queue(
     if addr:
         registry = CollectorRegistry()
         registry.register(SynproxyCollector(engine, shell.stats, {"traffic": queue, "syn": syn_queue},
-                                            lambda now: current["ring"].age(now)))
+                                            lambda now: current["ring"].age(now), workers=opts.workers))
         try:
             serve(registry, addr)
         except OSError as err:

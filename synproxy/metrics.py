@@ -71,8 +71,10 @@ class SynproxyCollector(Collector):
         queues: dict[str, int],
         key_age: Callable[[float], float],
         proc_path: Path = Path(PROC_PATH),
+        workers: int = 1,
     ) -> None:
         self.engine = engine
+        self.workers = workers  # --workers: lets `synproxy status` name a worker that does not answer
         self.shell = shell
         self.queues = queues  # role ("traffic", "syn") -> NFQUEUE number
         self.key_age = key_age
@@ -81,6 +83,8 @@ class SynproxyCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         st = self.engine.stats
         yield InfoMetricFamily("synproxy_build", "synproxy version", value={"version": __version__})
+        yield GaugeMetricFamily("synproxy_workers", "Workers the daemon runs (--workers), each exporting on its own "
+                                "port: metrics port + worker index", value=self.workers)
         yield _counter("synproxy_syn_received", "SYNs seen from clients", st.syn_received)
         yield _counter("synproxy_synack_sent", "Cookie SYN-ACKs sent to clients", st.synack_sent)
         yield _counter("synproxy_ack_valid", "Client ACKs whose cookie validated", st.ack_valid)

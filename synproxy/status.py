@@ -60,23 +60,60 @@ def by_label(samples: Samples, name: str, label: str) -> dict[str, float]:
     return out
 
 
-def worker_addrs(addr: str, limit: int = 64) -> list[str]:
-    """The exporter of worker 0 at ADDR and those of further workers (PORT+1, ...) up to the first
-    port that does not serve synproxy's metrics: whatever else listens there is not a worker.
+@dataclass(frozen=True)
+class Workers:
+    """The workers' exporters at a metrics address: worker i serves port + i."""
 
-    Raises what scrape() raises for ADDR itself.
+    answering: list[str]  # addresses whose exporter answered
+    missing: list[tuple[int, str]]  # (index, address) of configured workers that did not answer
+
+
+def _refused(err: OSError) -> bool:
+    """Nothing listens there (urllib wraps the connect error in URLError)."""
+    return isinstance(getattr(err, "reason", err), ConnectionRefusedError)
+
+
+def find_workers(addr: str, limit: int = 64) -> Workers:
+    """The workers' exporters at ADDR (worker 0), ADDR's port + 1, ...
+
+    Each worker exports how many there are (synproxy_workers), so one that is down (dying
+    and being restarted, its own systemd unit stopped) or hung is named, worker 0 included:
+    when ADDR does not answer the following ports are tried, as long as nothing listens
+    there. An exporter without that gauge (an older synproxy) counts workers up to the
+    first port that does not serve synproxy's metrics.
+
+    Raises what scrape() raises for ADDR itself when no worker answers.
     """
     host, _, port = addr.rpartition(":")
-    scrape(addr)
-    found = [addr]
-    for i in range(1, limit):
-        candidate = f"{host}:{int(port) + i}"
+
+    def at(i: int) -> str:
+        return f"{host}:{int(port) + i}"
+
+    try:
+        index, samples = 0, scrape(addr)
+    except OSError as err:  # worker 0 down or hung; or no synproxy there at all
+        for index in range(1, limit):
+            try:
+                samples = scrape(at(index))
+                break
+            except NotSynproxy:
+                raise err from None
+            except OSError as later:
+                if not _refused(later):
+                    raise err from None
+        else:
+            raise err from None
+    configured = int(total(samples, "synproxy_workers"))
+    answering, missing = [at(index)], [(i, at(i)) for i in range(index)]
+    for i in range(index + 1, configured if configured else limit):
         try:
-            scrape(candidate)
+            scrape(at(i))
+            answering.append(at(i))
         except (OSError, NotSynproxy):
-            break
-        found.append(candidate)
-    return found
+            if not configured:
+                break  # an older synproxy: whatever else listens there is not a worker
+            missing.append((i, at(i)))
+    return Workers(answering, missing)
 
 
 def label_workers(per_worker: list[Samples]) -> Samples:
@@ -105,8 +142,8 @@ def increases(before: Samples, after: Samples) -> Samples:
     return out
 
 
-def summary(before: Samples, after: Samples, seconds: float, workers: int) -> str:
-    """A readable account of what the proxy did between two scrapes."""
+def summary(before: Samples, after: Samples, seconds: float, workers: Workers) -> str:
+    """A readable account of what the proxy did between two scrapes (by the workers answering)."""
     grown = increases(before, after)
 
     def rate(name: str, **labels: str) -> float:
@@ -130,8 +167,14 @@ def summary(before: Samples, after: Samples, seconds: float, workers: int) -> st
     syn, valid = rate("synproxy_syn_received_total"), rate("synproxy_ack_valid_total")
     handshakes = by_label(after, "synproxy_backend_handshakes_total", "outcome")
     version = next((dict(lbl).get("version", "?") for (n, lbl) in after if n == "synproxy_build_info"), "?")
+    answering = len(workers.answering)
+    head = f"synproxy {version}: {answering} worker(s) answering"
+    if workers.missing:
+        head = (f"synproxy {version}: {answering} of {answering + len(workers.missing)} workers answering; not "
+                + ", ".join(f"worker {i} ({addr})" for i, addr in workers.missing)
+                + ": its share of new connections goes unanswered (a dying worker is restarted; see its log)")
     lines = [
-        f"synproxy {version}: {workers} worker(s) answering",
+        head,
         f"  SYNs            {syn:10,.0f}/s   (SYN-ACKs {rate('synproxy_synack_sent_total'):,.0f}/s)",
         f"  valid ACKs      {valid:10,.0f}/s   (invalid {rate('synproxy_ack_invalid_total'):,.0f}/s)",
         f"  connections     pending {total(after, 'synproxy_connections', state='pending'):.0f}, "

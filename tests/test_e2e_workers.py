@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -10,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from synproxy import keys
+from synproxy import __version__, keys
 from synproxy.cookie import CookieMaker
 from synproxy.engine import Engine, EngineConfig
 
-from .e2e import Proxied, during, proxied
+from .e2e import SYNPROXY, Proxied, during, proxied
 from synproxy.packet import ACK
 
 from .test_engine import C2S, T0, Flow, one
@@ -89,6 +90,24 @@ def test_dead_worker_is_restarted(px2: Proxied) -> None:
         res = px2.client("many", px2.url(4, "/"), "--count", "10", "--concurrency", "2", host=client)
         assert res["ok"] == 10, res
 
+
+def test_status_names_a_worker_that_does_not_answer(px2: Proxied) -> None:
+    """Worker 0 stopped (SIGSTOP: alive, so not restarted, and its exporter hangs): status names it,
+    reports worker 1, and exits 1. Before, it said no synproxy ran at that address."""
+    listeners = px2.lab.run("server", ["ss", "-Htlnp", f"sport = :{px2.metrics_port}"]).stdout
+    match = re.search(r"pid=(\d+)", listeners)
+    assert match, listeners
+    worker0 = int(match.group(1))
+    addr = f"127.0.0.1:{px2.metrics_port}"
+    os.kill(worker0, signal.SIGSTOP)
+    try:
+        res = px2.lab.run("server", [SYNPROXY, "status", "--metrics-addr", addr, "--interval", "0.2"], check=False)
+    finally:
+        os.kill(worker0, signal.SIGCONT)
+    assert res.returncode == 1, res
+    assert res.stdout.startswith(f"synproxy {__version__}: 1 of 2 workers answering; not worker 0 ({addr}): "), res
+    res = px2.lab.run("server", [SYNPROXY, "status", "--metrics-addr", addr, "--interval", "0.2"])
+    assert res.stdout.startswith(f"synproxy {__version__}: 2 worker(s) answering\n"), res.stdout
 
 
 def test_workers_stop_with_a_killed_supervisor_and_run_starts_again() -> None:
