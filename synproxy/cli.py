@@ -509,8 +509,11 @@ def rules_remove(backend: str | None) -> None:
 @_rule_options
 def rules_show(ports: tuple[int, ...], queue: int, queues: int, mode: str, mark: int, bypass: bool,
                backend: str | None) -> None:
-    """Show the installed rules, who installed them, and whether they match the configuration
-    (exit status 3 when they do not, or are missing)."""
+    """Show the installed rules, who installed them, whether they match the configuration and
+    whether a process reads their queues (exit status 3 when they do not match or are missing,
+    4 when no process reads some of their queues: those packets are dropped, or pass unprotected
+    with --queue-bypass)."""
+    from .nfqueue import bound_queues
     from .rules import Owner, RulesError, show
 
     _need_root("synproxy rules show", raw=False)
@@ -520,7 +523,8 @@ def rules_show(ports: tuple[int, ...], queue: int, queues: int, mode: str, mark:
         found = show(chosen)
     except RulesError as err:
         fail(str(err))
-    mismatch = False
+    mismatch = unread = False
+    bound = bound_queues()
     for family, inst in found:
         if not inst.present:
             click.echo(f"{family}: no synproxy rules installed")
@@ -533,9 +537,20 @@ def rules_show(ports: tuple[int, ...], queue: int, queues: int, mode: str, mark:
             state = " (matches the configuration)" if ok else " (DIFFERENT from the configuration)"
         by = "synproxy run, removed when it stops" if inst.owner is Owner.RUN else "synproxy rules install"
         click.echo(f"{family}: installed by {by}, config {inst.fingerprint}{state}")
+        missing = [q for q in inst.queues if bound is not None and q not in bound]
+        if missing:
+            unread = True
+            bypass = "--queue-bypass" in inst.text or " bypass" in inst.text
+            fate = "pass to the server unprotected (--queue-bypass)" if bypass else "are dropped (fail-closed)"
+            todo = ("the `synproxy run` that installed them is gone (killed?): start it again"
+                    if inst.owner is Owner.RUN else "start `synproxy run` (systemctl start synproxy)")
+            click.echo(f"{family}: no process reads queue(s) {', '.join(map(str, missing))}, so their packets "
+                       f"{fate}: {todo}, or `synproxy rules remove`")
         click.echo(inst.text.rstrip())
     if mismatch:
         sys.exit(3)
+    if unread:
+        sys.exit(4)
 
 
 # ---------------------------------------------------------------- demo

@@ -352,6 +352,19 @@ def read_queue_status(queue: int, path: str | os.PathLike[str] = PROC_PATH) -> Q
         return None
 
 
+def bound_queues(path: str | os.PathLike[str] = PROC_PATH) -> set[int] | None:
+    """The queues a process reads (one line each in the proc file, of this network namespace);
+    without the file nfnetlink_queue is not loaded and none is. None: the file is unreadable."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except FileNotFoundError:
+        return set()
+    except OSError:
+        return None
+    return {int(line.split()[0]) for line in text.splitlines() if line.strip()}
+
+
 class QueueDepth:
     """A queue's length from the kernel's own count, cheap enough to ask once per batch.
 

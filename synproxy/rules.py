@@ -255,6 +255,20 @@ class Installed:
         """Present, of this configuration, installed by this owner."""
         return self.present and self.fingerprint == cfg.fingerprint and self.owner is owner
 
+    @property
+    def queues(self) -> list[int]:
+        """The NFQUEUE numbers the rules send packets to, as listed (iptables-save or nft)."""
+        found: set[int] = set()
+        for m in _QUEUE_TARGET.finditer(self.text):
+            first = int(m.group(1) or m.group(3))
+            last = m.group(2) or m.group(4)
+            found.update(range(first, int(last) + 1 if last else first + 1))
+        return sorted(found)
+
+
+# iptables: --queue-num N, --queue-balance A:B; nft: queue [flags ...] num|to N[-M]
+_QUEUE_TARGET = re.compile(r"--queue-(?:num|balance) (\d+)(?::(\d+))?|\bqueue (?:flags \S+ )?(?:num|to) (\d+)(?:-(\d+))?")
+
 
 def _iptables_installed(binary: str) -> Installed:
     save = _run([_tool(f"{binary}-save"), "-t", "raw"], check=False).stdout

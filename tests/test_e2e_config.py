@@ -94,10 +94,13 @@ def test_operator_rules_with_their_own_mark_are_used_and_left_in_place() -> None
     with proxied("local", start=False) as px:
         ports = ["--port", str(SERVER_PORT), "--port", str(SINK_PORT)]
         px.lab.run("server", [SYNPROXY, "rules", "install", *ports, "--queue", str(px.queue), "--mark", "7"])
-        shown = px.lab.run("server", [SYNPROXY, "rules", "show", "--backend", "iptables"]).stdout
-        assert "installed by synproxy rules install" in shown and "0x7" in shown
+        shown = px.lab.run("server", [SYNPROXY, "rules", "show", "--backend", "iptables"], check=False)
+        assert "installed by synproxy rules install" in shown.stdout and "0x7" in shown.stdout
+        assert shown.returncode == 4 and "no process reads queue(s)" in shown.stdout  # nothing runs yet
         px.start_proxy("--mark", "7")  # with --rules (the default): the operator's rules are used as they are
         assert "using the iptables rules `synproxy rules install` put in place" in px.log()
+        shown = px.lab.run("server", [SYNPROXY, "rules", "show", "--backend", "iptables"])  # exit 0: all read
+        assert "no process reads" not in shown.stdout
         assert px.client("get", px.url(4, "/"))["status"] == 200
         assert px.client("get", px.url(6, "/"))["status"] == 200
         assert px.stop_proxy() == 0
@@ -115,7 +118,7 @@ def test_rules_replaced_while_run_serves_stay_when_it_stops() -> None:
         px.lab.run("server", [SYNPROXY, "rules", "install", "--replace", "--port", str(SERVER_PORT),
                               "--queue", str(other), "--backend", "iptables"])
         assert px.stop_proxy() == 0
-        shown = px.lab.run("server", [SYNPROXY, "rules", "show", "--backend", "iptables"]).stdout
+        shown = px.lab.run("server", [SYNPROXY, "rules", "show", "--backend", "iptables"], check=False).stdout
         assert f"--queue-num {other}" in shown and "installed by synproxy rules install" in shown, shown
         assert "left the iptables rules in place" in px.log() and "removed the" not in px.log()
         px.lab.run("server", [SYNPROXY, "rules", "remove"])
@@ -130,6 +133,13 @@ def test_rules_a_killed_run_left_are_taken_over_and_removed() -> None:
         px.proc.send_signal(signal.SIGKILL)
         px.proc.wait(10)
         assert synproxy_rules_in(px.lab, "server")  # fail-closed while it is down
+        deadline = time.monotonic() + 10  # its worker follows it (PR_SET_PDEATHSIG)
+        while (shown := px.lab.run("server", [SYNPROXY, "rules", "show", "--backend", "iptables"],
+                                   check=False)).returncode != 4 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert shown.returncode == 4, shown
+        assert ("so their packets are dropped (fail-closed): the `synproxy run` that installed them is gone "
+                "(killed?): start it again, or `synproxy rules remove`") in shown.stdout, shown.stdout
         px.start_proxy()
         assert px.client("get", px.url(4, "/"))["status"] == 200
         assert px.stop_proxy() == 0

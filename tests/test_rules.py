@@ -89,8 +89,12 @@ def test_iptables_install_twice_then_remove_restores_everything(lab: Lab, mode: 
         if tool == "iptables":  # ours come before the operator's own raw rules
             assert raw.index("-A PREROUTING -m comment") < raw.index("-A PREROUTING -p udp")
     shown = cli(lab, "rules", "show", "--backend", "iptables", "--mode", mode, "--queue", "7", "--queues", "2",
-                *port_args)
+                *port_args, check=False)
     assert "matches the configuration" in shown.stdout
+    # No `synproxy run` reads the queues here: said, with exit status 4.
+    assert shown.returncode == 4, shown
+    assert ("ipv4: no process reads queue(s) 7, 8, 9, 10, so their packets are dropped (fail-closed): start "
+            "`synproxy run` (systemctl start synproxy), or `synproxy rules remove`") in shown.stdout, shown.stdout
     other = cli(lab, "rules", "install", "--backend", "iptables", "--port", "9999", check=False)
     assert other.returncode == 1 and "another configuration" in other.stderr and other.stderr.count("\n") == 1
     assert snapshot(lab) == first
