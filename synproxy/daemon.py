@@ -202,7 +202,8 @@ def serve_queue(
     if addr:
         registry = CollectorRegistry()
         registry.register(SynproxyCollector(engine, shell.stats, {"traffic": queue, "syn": syn_queue},
-                                            lambda now: current["ring"].age(now), workers=opts.workers))
+                                            lambda now: current["ring"].age(now), workers=opts.workers,
+                                            key_file_ok=lambda: watcher.last_error is None))
         try:
             serve(registry, addr)
         except OSError as err:

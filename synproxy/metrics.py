@@ -72,8 +72,10 @@ class SynproxyCollector(Collector):
         key_age: Callable[[float], float],
         proc_path: Path = Path(PROC_PATH),
         workers: int = 1,
+        key_file_ok: Callable[[], bool] = lambda: True,
     ) -> None:
         self.engine = engine
+        self.key_file_ok = key_file_ok  # False: the key file is missing or unusable (the keys in use stay)
         self.workers = workers  # --workers: lets `synproxy status` name a worker that does not answer
         self.shell = shell
         self.queues = queues  # role ("traffic", "syn") -> NFQUEUE number
@@ -129,6 +131,12 @@ class SynproxyCollector(Collector):
         yield drops
         yield GaugeMetricFamily(
             "synproxy_cookie_key_age_seconds", "Age of the current cookie key", value=self.key_age(time.time())
+        )
+        yield GaugeMetricFamily(
+            "synproxy_cookie_key_file_ok", "1 if the key file was readable and valid at the last look (once a "
+            "second); 0: missing or unusable, the keys in use stay, rotations do not take, and a restart would "
+            "make a new key (missing) or fail (unusable)",
+            value=1.0 if self.key_file_ok() else 0.0,
         )
 
 

@@ -184,7 +184,10 @@ def summary(before: Samples, after: Samples, seconds: float, workers: Workers) -
         "  shed            " + (", ".join(per_label("synproxy_shed_total", "reason")) or "nothing"),
         queue("syn"),
         queue("traffic"),
-        f"  cookie key age  {max((v for (n, _), v in after.items() if n == 'synproxy_cookie_key_age_seconds'), default=0) / 3600:.1f} h",
+        f"  cookie key age  {max((v for (n, _), v in after.items() if n == 'synproxy_cookie_key_age_seconds'), default=0) / 3600:.1f} h"
+        + ("; the key file is missing or unusable (see the log): rotations do not take, a restart would fail or "
+           "make a new key"
+           if any(n == "synproxy_cookie_key_file_ok" and not v for (n, _), v in after.items()) else ""),
     ]
     verdict = "under a SYN flood" if syn > 1000 and valid < 0.1 * syn else "normal"
     if rate("synproxy_shed_total", reason="overload"):

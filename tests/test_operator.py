@@ -41,6 +41,24 @@ def test_probe_status_and_key_rotation() -> None:
         assert "key file changed; reloaded" in px.log()
         res = px.client("chunks", px.server_addr(4), str(SINK_PORT), "--chunks", "3,5")
         assert res["ok"]
+        # A broken key file: the keys in use stay, and the metrics and status say so (before: only the log).
+        good = px.key_file.read_bytes()
+        assert px.metrics()["synproxy_cookie_key_file_ok"] == 1
+        px.key_file.write_text("garbage\n")
+        deadline = time.monotonic() + 5
+        while px.metrics()["synproxy_cookie_key_file_ok"] != 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert px.metrics()["synproxy_cookie_key_file_ok"] == 0
+        status = px.lab.run("router", [SYNPROXY, "status", "--metrics-addr", f"127.0.0.1:{px.metrics_port}",
+                                       "--interval", "0.2"]).stdout
+        assert "the key file is missing or unusable (see the log)" in status, status
+        assert "is corrupt" in px.log() and "keeping the keys in use" in px.log()
+        assert px.client("get", px.url(4, "/"))["status"] == 200  # served with the keys in use
+        px.key_file.write_bytes(good)
+        deadline = time.monotonic() + 5
+        while px.metrics()["synproxy_cookie_key_file_ok"] != 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert px.metrics()["synproxy_cookie_key_file_ok"] == 1
 
 
 def test_config_file_and_environment(tmp_path: Path) -> None:
