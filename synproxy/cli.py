@@ -633,6 +633,7 @@ def probe(target: str, timeout: float) -> None:
     import socket as _socket
 
     from .metrics import parse_host_port
+    from .status import local_interface
     from .status import probe as do_probe
 
     try:
@@ -654,7 +655,17 @@ def probe(target: str, timeout: float) -> None:
     if not res.mss_exact:
         click.echo("the MSS is an estimate: the kernel's send MSS, which it clamps to half the server's window; "
                    "the MSS the server announced needs CAP_NET_ADMIN (run as root)")
-    click.echo(f"to mimic it: synproxy run --mss {res.mss} --wscale {res.wscale if res.wscale is not None else 0}")
+    mss_to_give = res.mss
+    local = local_interface(host)
+    if local is not None and local[0] != "lo":
+        dev, mtu = local
+        header = 60 if ":" in host else 40
+        if mtu:
+            mss_to_give = min(res.mss, mtu - header)
+        click.echo(f"{host} is this host's own address (on {dev}): the handshake went over lo, so the MSS is lo's; "
+                   + (f"clients coming in on {dev} (MTU {mtu}) see at most {mtu - header}" if mtu
+                      else "clients see that of the interface they come in on"))
+    click.echo(f"to mimic it: synproxy run --mss {mss_to_give} --wscale {res.wscale if res.wscale is not None else 0}")
 
 
 @main.command()

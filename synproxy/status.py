@@ -5,10 +5,12 @@ from __future__ import annotations
 import http.client
 import socket
 import struct
+import subprocess
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -234,6 +236,27 @@ def announced_mss(sock: socket.socket) -> int | None:
             sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_OFF_NO_WP)  # no window probe: just the FIN
         except OSError:
             sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_OFF)  # kernels before TCP_REPAIR_OFF_NO_WP
+
+
+def local_interface(host: str) -> tuple[str, int] | None:
+    """(interface, MTU) holding HOST if it is one of this host's own addresses, else None.
+
+    A probe of such an address goes over lo, whose MTU (65,536) sets the MSS the server
+    announces (65,495 over IPv4): clients on the network see the MSS of the interface
+    they come in on."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.bind((host, 0))  # only this host's own addresses can be bound
+    except OSError:
+        return None
+    try:
+        out = subprocess.run(["ip", "-o", "addr", "show", "to", host], capture_output=True, text=True,
+                             timeout=5).stdout
+        dev = out.split()[1]
+        return dev, int(Path(f"/sys/class/net/{dev}/mtu").read_text())
+    except (OSError, IndexError, ValueError, subprocess.SubprocessError):
+        return "?", 0
 
 
 def probe(host: str, port: int, timeout: float = 3.0) -> ProbeResult:

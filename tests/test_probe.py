@@ -112,6 +112,21 @@ def assert_probe_says(lab: Lab, path: str, family: int, port: int, want: int) ->
 
 
 @pytest.mark.e2e
+@pytest.mark.parametrize("family", [4, 6])
+def test_probe_of_the_hosts_own_address_says_the_mss_came_over_lo(mss_lab: Lab, family: int) -> None:
+    """From the server's host its own address is reached over lo: the server announces lo's MSS,
+    and the probe said to mimic it with --mss 65495. Now it names the interface that holds the
+    address and suggests that interface's MSS (MTU 1500: 1460 for IPv4, 1440 for IPv6)."""
+    addr = mss_lab.addr("server", family)
+    probed = target(addr, PORTS[0])
+    out = mss_lab.run("server", [SYNPROXY, "probe", probed]).stdout
+    lo_mss, net_mss = DEFAULT_MSS["lo", family], DEFAULT_MSS["veth", family]
+    assert out.startswith(f"{probed}: mss {lo_mss}, window scale "), out
+    assert f"{addr} is this host's own address (on " in out and f"(MTU 1500) see at most {net_mss}" in out, out
+    assert f"synproxy run --mss {net_mss} " in out, out
+
+
+@pytest.mark.e2e
 def test_without_cap_net_admin_the_mss_is_called_an_estimate(mss_lab: Lab) -> None:
     """Repair mode needs CAP_NET_ADMIN; without it the probe falls back to the kernel's send MSS and says so."""
     res = mss_lab.run("server", ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", SYNPROXY, "probe",
