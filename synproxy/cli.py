@@ -540,8 +540,7 @@ def rules_show(ports: tuple[int, ...], queue: int, queues: int, mode: str, mark:
         missing = [q for q in inst.queues if bound is not None and q not in bound]
         if missing:
             unread = True
-            bypass = "--queue-bypass" in inst.text or " bypass" in inst.text
-            fate = "pass to the server unprotected (--queue-bypass)" if bypass else "are dropped (fail-closed)"
+            fate = "pass to the server unprotected (--queue-bypass)" if inst.bypass else "are dropped (fail-closed)"
             todo = ("the `synproxy run` that installed them is gone (killed?): start it again"
                     if inst.owner is Owner.RUN else "start `synproxy run` (systemctl start synproxy)")
             click.echo(f"{family}: no process reads queue(s) {', '.join(map(str, missing))}, so their packets "
@@ -633,7 +632,7 @@ def probe(target: str, timeout: float) -> None:
     import socket as _socket
 
     from .metrics import parse_host_port
-    from .status import local_interface
+    from .status import own_address
     from .status import probe as do_probe
 
     try:
@@ -656,15 +655,13 @@ def probe(target: str, timeout: float) -> None:
         click.echo("the MSS is an estimate: the kernel's send MSS, which it clamps to half the server's window; "
                    "the MSS the server announced needs CAP_NET_ADMIN (run as root)")
     mss_to_give = res.mss
-    local = local_interface(host)
-    if local is not None and local[0] != "lo":
-        dev, mtu = local
-        header = 60 if ":" in host else 40
-        if mtu:
-            mss_to_give = min(res.mss, mtu - header)
-        click.echo(f"{host} is this host's own address (on {dev}): the handshake went over lo, so the MSS is lo's; "
-                   + (f"clients coming in on {dev} (MTU {mtu}) see at most {mtu - header}" if mtu
-                      else "clients see that of the interface they come in on"))
+    own = own_address(host)
+    if own is not None and own.dev != "lo":
+        if own.mss:
+            mss_to_give = min(res.mss, own.mss)
+        click.echo(f"{host} is this host's own address (on {own.dev}): the handshake went over lo, so the MSS is "
+                   "lo's; " + (f"clients coming in on {own.dev} (MTU {own.mtu}) see at most {own.mss}" if own.mss
+                               else "clients see that of the interface they come in on"))
     click.echo(f"to mimic it: synproxy run --mss {mss_to_give} --wscale {res.wscale if res.wscale is not None else 0}")
 
 

@@ -17,6 +17,7 @@ import errno
 import os
 import socket
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 NETLINK_NETFILTER = 12
@@ -336,10 +337,14 @@ class QueueStatus:
     total: int
 
 
+def _rows(text: str) -> Iterator[list[str]]:
+    """The proc file's lines, as columns: one line per bound queue, its number first."""
+    return (cols for cols in (line.split() for line in text.splitlines()) if len(cols) >= 8)
+
+
 def parse_queue_status(text: str, queue: int) -> QueueStatus | None:
-    for line in text.splitlines():
-        cols = line.split()
-        if len(cols) >= 8 and int(cols[0]) == queue:
+    for cols in _rows(text):
+        if int(cols[0]) == queue:
             return QueueStatus(queue, int(cols[2]), int(cols[5]), int(cols[6]), int(cols[7]))
     return None
 
@@ -362,7 +367,12 @@ def bound_queues(path: str | os.PathLike[str] = PROC_PATH) -> set[int] | None:
         return set()
     except OSError:
         return None
-    return {int(line.split()[0]) for line in text.splitlines() if line.strip()}
+    return parse_bound_queues(text)
+
+
+def parse_bound_queues(text: str) -> set[int]:
+    """The queue numbers in the proc file's text."""
+    return {int(cols[0]) for cols in _rows(text)}
 
 
 class QueueDepth:

@@ -265,9 +265,16 @@ class Installed:
             found.update(range(first, int(last) + 1 if last else first + 1))
         return sorted(found)
 
+    @property
+    def bypass(self) -> bool:
+        """Whether the kernel passes the queues' packets on when nothing reads them (--queue-bypass)."""
+        return _QUEUE_BYPASS.search(self.text) is not None
+
 
 # iptables: --queue-num N, --queue-balance A:B; nft: queue [flags ...] num|to N[-M]
 _QUEUE_TARGET = re.compile(r"--queue-(?:num|balance) (\d+)(?::(\d+))?|\bqueue (?:flags \S+ )?(?:num|to) (\d+)(?:-(\d+))?")
+# iptables: --queue-bypass; nft: queue flags bypass ..., or queue num N bypass
+_QUEUE_BYPASS = re.compile(r"--queue-bypass|\bqueue\b[^\n]*\bbypass\b")
 
 
 def _iptables_installed(binary: str) -> Installed:

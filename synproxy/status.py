@@ -238,8 +238,17 @@ def announced_mss(sock: socket.socket) -> int | None:
             sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_OFF)  # kernels before TCP_REPAIR_OFF_NO_WP
 
 
-def local_interface(host: str) -> tuple[str, int] | None:
-    """(interface, MTU) holding HOST if it is one of this host's own addresses, else None.
+@dataclass(frozen=True)
+class OwnAddress:
+    """The interface holding one of this host's own addresses, and the MSS it gives clients."""
+
+    dev: str  # "?" when it could not be found
+    mtu: int  # 0 when unknown
+    mss: int  # MTU less the IP and TCP headers (40, IPv6 60); 0 when unknown
+
+
+def own_address(host: str) -> OwnAddress | None:
+    """HOST's interface if HOST is one of this host's own addresses, else None.
 
     A probe of such an address goes over lo, whose MTU (65,536) sets the MSS the server
     announces (65,495 over IPv4): clients on the network see the MSS of the interface
@@ -254,9 +263,10 @@ def local_interface(host: str) -> tuple[str, int] | None:
         out = subprocess.run(["ip", "-o", "addr", "show", "to", host], capture_output=True, text=True,
                              timeout=5).stdout
         dev = out.split()[1]
-        return dev, int(Path(f"/sys/class/net/{dev}/mtu").read_text())
+        mtu = int(Path(f"/sys/class/net/{dev}/mtu").read_text())
     except (OSError, IndexError, ValueError, subprocess.SubprocessError):
-        return "?", 0
+        return OwnAddress("?", 0, 0)
+    return OwnAddress(dev, mtu, mtu - (60 if family == socket.AF_INET6 else 40))
 
 
 def probe(host: str, port: int, timeout: float = 3.0) -> ProbeResult:

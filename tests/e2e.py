@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 from synproxy.daemon import READY_LINE
 from synproxy.lab import Lab
+from synproxy.nfqueue import PROC_PATH, parse_bound_queues
 from synproxy.rules import NFT_TABLE
 
 REPO = Path(__file__).resolve().parent.parent
@@ -194,8 +195,7 @@ def plain_addr(addr: str) -> str:
 
 def bound_queues(lab: Lab, host: str = "server") -> set[int]:
     """The NFQUEUE numbers bound in `host`'s namespace (read there: /proc/net is per namespace)."""
-    out = lab.run(host, ["cat", "/proc/net/netfilter/nfnetlink_queue"]).stdout
-    return {int(line.split()[0]) for line in out.splitlines() if line.strip()}
+    return parse_bound_queues(lab.run(host, ["cat", PROC_PATH]).stdout)
 
 
 def synproxy_rules_in(lab: Lab, host: str) -> bool:
@@ -215,3 +215,14 @@ def during(attack: subprocess.Popen[Any], action: Callable[[], T], who: str = "t
         return result
     finally:
         attack.wait(30)
+
+
+def eventually(probe: Callable[[], T], done: Callable[[T], bool], seconds: float = 5.0) -> T:
+    """`probe()` every 0.2 s until `done` holds for its result or `seconds` pass; the last result
+    (the caller asserts on it, so a timeout fails with what was seen)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        result = probe()
+        if done(result) or time.monotonic() >= deadline:
+            return result
+        time.sleep(0.2)

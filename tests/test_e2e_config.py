@@ -14,7 +14,7 @@ import pytest
 
 from synproxy.lab import Lab
 
-from .e2e import SERVER_PORT, SINK_PORT, SYNPROXY, bound_queues, proxied, synproxy_rules_in
+from .e2e import SERVER_PORT, SINK_PORT, SYNPROXY, bound_queues, eventually, proxied, synproxy_rules_in
 
 pytestmark = pytest.mark.e2e
 
@@ -133,10 +133,9 @@ def test_rules_a_killed_run_left_are_taken_over_and_removed() -> None:
         px.proc.send_signal(signal.SIGKILL)
         px.proc.wait(10)
         assert synproxy_rules_in(px.lab, "server")  # fail-closed while it is down
-        deadline = time.monotonic() + 10  # its worker follows it (PR_SET_PDEATHSIG)
-        while (shown := px.lab.run("server", [SYNPROXY, "rules", "show", "--backend", "iptables"],
-                                   check=False)).returncode != 4 and time.monotonic() < deadline:
-            time.sleep(0.2)
+        shown = eventually(  # its worker follows it (PR_SET_PDEATHSIG)
+            lambda: px.lab.run("server", [SYNPROXY, "rules", "show", "--backend", "iptables"], check=False),
+            lambda res: res.returncode == 4, seconds=10)
         assert shown.returncode == 4, shown
         assert ("so their packets are dropped (fail-closed): the `synproxy run` that installed them is gone "
                 "(killed?): start it again, or `synproxy rules remove`") in shown.stdout, shown.stdout

@@ -5,12 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from .e2e import SINK_PORT, proxied
+from .e2e import SINK_PORT, eventually, proxied
 
 SYNPROXY = str(Path(sys.executable).parent / "synproxy")
 
@@ -35,30 +34,22 @@ def test_probe_status_and_key_rotation() -> None:
         assert "1 worker(s) answering" in status and "established" in status and "state           normal" in status
         rotated = px.lab.run("router", [SYNPROXY, "key", "rotate", "--key-file", str(px.key_file)]).stdout
         assert "generation 2" in rotated
-        deadline = time.monotonic() + 5
-        while "reloaded" not in px.log() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert "key file changed; reloaded" in px.log()
+        assert "key file changed; reloaded" in eventually(px.log, lambda log: "reloaded" in log)
         res = px.client("chunks", px.server_addr(4), str(SINK_PORT), "--chunks", "3,5")
         assert res["ok"]
         # A broken key file: the keys in use stay, and the metrics and status say so (before: only the log).
         good = px.key_file.read_bytes()
         assert px.metrics()["synproxy_cookie_key_file_ok"] == 1
         px.key_file.write_text("garbage\n")
-        deadline = time.monotonic() + 5
-        while px.metrics()["synproxy_cookie_key_file_ok"] != 0 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert px.metrics()["synproxy_cookie_key_file_ok"] == 0
+        key_file_ok = lambda: px.metrics()["synproxy_cookie_key_file_ok"]  # noqa: E731
+        assert eventually(key_file_ok, lambda ok: ok == 0) == 0
         status = px.lab.run("router", [SYNPROXY, "status", "--metrics-addr", f"127.0.0.1:{px.metrics_port}",
                                        "--interval", "0.2"]).stdout
         assert "the key file is missing or unusable (see the log)" in status, status
         assert "is corrupt" in px.log() and "keeping the keys in use" in px.log()
         assert px.client("get", px.url(4, "/"))["status"] == 200  # served with the keys in use
         px.key_file.write_bytes(good)
-        deadline = time.monotonic() + 5
-        while px.metrics()["synproxy_cookie_key_file_ok"] != 1 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert px.metrics()["synproxy_cookie_key_file_ok"] == 1
+        assert eventually(key_file_ok, lambda ok: ok == 1) == 1
 
 
 def test_config_file_and_environment(tmp_path: Path) -> None:

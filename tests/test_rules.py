@@ -242,3 +242,15 @@ def test_dry_run_errors_are_one_line_too(lab: Lab) -> None:
     ports = [a for p in range(1000, 1016) for a in ("--port", str(p))]
     res = cli(lab, "rules", "install", "--dry-run", "--backend", "iptables", *ports, check=False)
     assert res.returncode == 1 and res.stderr.count("\n") == 1 and "at most 15 ports" in res.stderr
+
+
+@pytest.mark.parametrize("backend", list(R.Backend))
+@pytest.mark.parametrize("queue, queues, bypass, want", [(5, 2, True, [5, 6, 7, 8]), (0, 1, False, [0, 1])])
+def test_installed_rules_tell_their_queues_and_bypass(backend: R.Backend, queue: int, queues: int, bypass: bool,
+                                                      want: list[int]) -> None:
+    """What `rules show` checks against the bound queues, read back from the rules' text."""
+    cfg = R.RuleConfig(ports=(8080,), queue=queue, queues=queues, bypass=bypass)
+    installed = R.Installed(True, cfg.fingerprint, R.render(cfg, backend))
+    assert installed.queues == want and installed.bypass is bypass
+    listed = R.Installed(True, None, "tcp dport 8080 queue flags bypass to 5-6\ntcp sport 8080 queue to 7")  # nft list
+    assert listed.queues == [5, 6, 7] and listed.bypass
