@@ -612,7 +612,7 @@ def key_rotate(key_file: Path, create: bool) -> None:
     click.echo(f"{what} {key_file}: key {ring.key_id}, generation {ring.generation}")
     if before is not None and CookieMaker.rotation_breaks_handshakes(before, now):
         click.echo(f"warning: the previous rotation was {now - before.rotated_at:.0f} s ago: handshakes whose "
-                   f"SYN-ACK left before it now fail to validate; rotate at most every {CookieMaker.LIFETIME} s",
+                   f"SYN-ACK left before it now fail to validate; rotate at most every {CookieMaker.MIN_ROTATION_INTERVAL} s",
                    err=True)
 
 

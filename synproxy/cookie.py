@@ -134,15 +134,21 @@ class CookieMaker:
 
     SLOT_SECONDS = 64  # a cookie is valid in its slot and the next: 64-128 s
     LIFETIME = 2 * SLOT_SECONDS  # the longest a cookie made with the default slots validates
+    # Seconds after a rotation in which a worker that has not yet read the key file (they
+    # poll it about once a second) may still make cookies with the old key.
+    ROTATION_GRACE = 5.0
+    # The shortest interval between rotations that breaks no handshake in flight: an old-key
+    # cookie made at the end of the grace lives a full LIFETIME after it (133 s by default).
+    MIN_ROTATION_INTERVAL = int(LIFETIME + ROTATION_GRACE)
 
     @classmethod
     def rotation_breaks_handshakes(cls, ring: KeyRing, now: float) -> bool:
         """Whether rotating `ring` at `now` drops a key that cookies in flight may carry: `check`
-        tries only the current and the previous key, so a second rotation within a cookie's
-        lifetime stops checking the key before the first one."""
-        return ring.previous is not None and now - ring.rotated_at < cls.LIFETIME
+        tries only the current and the previous key, so a second rotation within the lifetime of
+        the last old-key cookies (made up to ROTATION_GRACE after the first) stops checking them."""
+        return ring.previous is not None and now - ring.rotated_at < cls.MIN_ROTATION_INTERVAL
 
-    def __init__(self, keyring: KeyRing, slot_seconds: int = SLOT_SECONDS, rotation_grace: float = 5.0) -> None:
+    def __init__(self, keyring: KeyRing, slot_seconds: int = SLOT_SECONDS, rotation_grace: float = ROTATION_GRACE) -> None:
         """`rotation_grace`: seconds after a rotation during which another worker
         may still make cookies with the old key (workers poll the key file about
         once a second); those cookies keep their full two-slot lifetime."""

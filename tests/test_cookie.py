@@ -300,6 +300,27 @@ def test_previous_key_only_for_slots_up_to_the_rotation_plus_grace() -> None:
     assert m.check(6, src, dst, 1, 2, 3, too_late, T0 + 2 * S) is None
 
 
+def test_min_rotation_interval_is_the_last_old_key_cookies_lifetime() -> None:
+    """`key rotate` warns below MIN_ROTATION_INTERVAL (133 s): the worst case is an old-key cookie a
+    lagging worker makes at the end of the grace, at the start of a slot. Rotating again a moment
+    before 133 s stops checking that still valid cookie; at 133 s it has expired anyway."""
+    assert CookieMaker.MIN_ROTATION_INTERVAL == 2 * CookieMaker.SLOT_SECONDS + CookieMaker.ROTATION_GRACE == 133
+    old = ring()
+    rotated_at = T0 - CookieMaker.ROTATION_GRACE  # the grace ends at a slot boundary
+    once = old.rotated(rotated_at)
+    src, dst = V4
+    lagging = CookieMaker(old)  # default slots and grace, as the daemon runs
+    opts = lagging.encode_options(4, 1460, 7, True)
+    cookie = lagging.make(4, src, dst, 1, 2, 3, opts, T0)
+    just_before = rotated_at + CookieMaker.MIN_ROTATION_INTERVAL - 0.5
+    assert CookieMaker(once).check(4, src, dst, 1, 2, 3, cookie, just_before) is not None  # still valid
+    assert CookieMaker.rotation_breaks_handshakes(once, just_before)
+    assert CookieMaker(once.rotated(just_before)).check(4, src, dst, 1, 2, 3, cookie, just_before) is None
+    at = rotated_at + CookieMaker.MIN_ROTATION_INTERVAL
+    assert not CookieMaker.rotation_breaks_handshakes(once, at)
+    assert CookieMaker(once).check(4, src, dst, 1, 2, 3, cookie, at) is None  # expired: nothing to break
+
+
 # ---------------------------------------------------------------- options
 
 
