@@ -316,7 +316,9 @@ def install(cfg: RuleConfig, backend: Backend, replace: bool = False, owner: Own
         return False
     other = [i for _, i in installed if i.present and i.fingerprint != cfg.fingerprint]
     if other and not replace:
-        hint = "or install with --replace" if owner is Owner.OPERATOR else "or give the same options as they were"
+        hint = ("or install with --replace" if owner is Owner.OPERATOR else
+                "or give the same options as they were (rules an older synproxy installed, before an "
+                "upgrade that changed their layout, match no options: remove them)")
         raise RulesError(
             f"synproxy rules from another configuration ({other[0].fingerprint}) are installed: "
             f"run `synproxy rules remove` first, {hint}"

@@ -109,6 +109,20 @@ def test_operator_rules_with_their_own_mark_are_used_and_left_in_place() -> None
         px.lab.run("server", [SYNPROXY, "rules", "remove"])
 
 
+def test_run_refuses_rules_of_another_configuration_in_one_line(lab: Lab, tmp_path: Path) -> None:
+    """Rules of another configuration (other options, or an older synproxy's layout) are not run's to
+    take: it says how to proceed, in one line, exits 1 and leaves them and their ports' protection."""
+    lab.run("server", [SYNPROXY, "rules", "install", "--port", "8080", "--queue", str(QUEUE), "--backend", "iptables"])
+    before = lab.run("server", ["iptables-save"]).stdout
+    res = lab.run("server", run_args(tmp_path, "--port", "8081", "--backend", "iptables"), check=False, timeout=30)
+    assert res.returncode == 1, res
+    last = res.stderr.strip().splitlines()[-1]
+    assert "another configuration" in last and "synproxy rules remove" in last and "same options" in last, res.stderr
+    assert "older synproxy" in last and "Traceback" not in res.stderr
+    assert lab.run("server", ["iptables-save"]).stdout == before and not bound_queues(lab)
+    lab.run("server", [SYNPROXY, "rules", "remove"])
+
+
 def test_rules_replaced_while_run_serves_stay_when_it_stops() -> None:
     """`rules install --replace` over the rules a run installed makes them the operator's: the run,
     stopping, leaves them (it removed them, leaving the new configuration's ports unprotected)."""
