@@ -177,14 +177,14 @@ def proxied(mode: str, clients: int = 1, mtu: int = 1500, start: bool = True, **
                 px.log_path.unlink(missing_ok=True)
 
 
+def listening(lab: Lab, port: int) -> bool:
+    """Whether a socket listens on `port` in the server namespace."""
+    return bool(lab.run("server", ["ss", "-Htln", f"sport = :{port}"]).stdout.strip())
+
+
 def wait_listening(lab: Lab, port: int) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        out = lab.run("server", ["ss", "-Htln", f"sport = :{port}"])
-        if out.stdout.strip():
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on port {port} in the server namespace")
+    if not eventually(lambda: listening(lab, port), bool, 10, interval=0.05):
+        raise RuntimeError(f"nothing listens on port {port} in the server namespace")
 
 
 def plain_addr(addr: str) -> str:
@@ -217,12 +217,13 @@ def during(attack: subprocess.Popen[Any], action: Callable[[], T], who: str = "t
         attack.wait(30)
 
 
-def eventually(probe: Callable[[], T], done: Callable[[T], bool], seconds: float = 5.0) -> T:
-    """`probe()` every 0.2 s until `done` holds for its result or `seconds` pass; the last result
-    (the caller asserts on it, so a timeout fails with what was seen)."""
+def eventually(probe: Callable[[], T], done: Callable[[T], bool], seconds: float = 5.0,
+               interval: float = 0.2) -> T:
+    """`probe()` every `interval` until `done` holds for its result or `seconds` pass; the last
+    result (the caller asserts on it, so a timeout fails with what was seen)."""
     deadline = time.monotonic() + seconds
     while True:
         result = probe()
         if done(result) or time.monotonic() >= deadline:
             return result
-        time.sleep(0.2)
+        time.sleep(interval)

@@ -78,9 +78,7 @@ def test_config_file_log_level_takes_effect(lab: Lab, tmp_path: Path) -> None:
 def serve_briefly(lab: Lab, argv: list[str]) -> str:
     """Start the daemon, stop it once its queues are bound; its output."""
     proc = lab.popen("server", argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 15
-    while not bound_queues(lab) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    eventually(lambda: bound_queues(lab), bool, 15, interval=0.1)
     time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=20)

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from .e2e import PYTHON, SINK_PORT, Proxied, proxied, wait_listening
+from .e2e import PYTHON, SINK_PORT, Proxied, eventually, listening, proxied, wait_listening
 
 pytestmark = pytest.mark.e2e
 
@@ -47,11 +47,8 @@ def chunks(px: Proxied, family: int, sizes: str, host: str = "client") -> dict[s
 def restart_sink(px: Proxied) -> None:
     """Start the sink again (after a test stopped it) and wait until it listens."""
     px.lab.run("server", ["pkill", "-f", f"sink --port {SINK_PORT}"], check=False)
-    deadline = time.monotonic() + 5
-    while px.lab.run("server", ["ss", "-Htln", f"sport = :{SINK_PORT}"]).stdout.strip():
-        if time.monotonic() > deadline:
-            raise RuntimeError("the old sink still listens")
-        time.sleep(0.05)
+    if eventually(lambda: listening(px.lab, SINK_PORT), lambda up: not up, 5, interval=0.05):
+        raise RuntimeError("the old sink still listens")
     px.lab.popen("server", [PYTHON, "-m", "synproxy.peers", "sink", "--port", str(SINK_PORT)])
     wait_listening(px.lab, SINK_PORT)
 

@@ -15,7 +15,7 @@ from synproxy import __version__, keys
 from synproxy.cookie import CookieMaker
 from synproxy.engine import Engine, EngineConfig
 
-from .e2e import SYNPROXY, Proxied, during, proxied
+from .e2e import SYNPROXY, Proxied, during, eventually, proxied
 from synproxy.packet import ACK
 
 from .test_engine import C2S, T0, Flow, one
@@ -118,10 +118,7 @@ def test_workers_stop_with_a_killed_supervisor_and_run_starts_again() -> None:
         assert px.proc is not None and len(proxy_pids(px)) == 3
         px.proc.kill()
         px.proc.wait(5)
-        deadline = time.monotonic() + 5
-        while proxy_pids(px) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not proxy_pids(px)
+        assert not eventually(lambda: proxy_pids(px), lambda pids: not pids, 5, interval=0.1)
         px.start_proxy("--workers", "2")
         res = px.client("many", px.url(4, "/"), "--count", "10", "--concurrency", "2")
         assert res["ok"] == 10, res
