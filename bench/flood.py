@@ -18,6 +18,8 @@ every 20 ms (3 s timeout each; ~350 per row, so p99 is not just the second-slowe
   RSS         synproxy's resident memory
 Defences: unprotected (SYN cookies off, backlog 128), kernel syncookies (on, backlog 128),
 kernel SYNPROXY (iptables SYNPROXY target), synproxy with 1 and 2 workers.
+--ack-flood adds a second hping3 at the same pace from a third host: bare ACKs with random
+numbers (bogus cookies) from random sources, which the proxy must read and check one by one.
 Timings are noisy on shared machines: compare rows of the same run, not runs.
 """
 
@@ -145,9 +147,9 @@ def setup(lab: Lab, defence: str, tmp: str) -> subprocess.Popen[bytes] | None:
     return None
 
 
-def measure(defence: str, rate: str, seconds: float) -> Row:
+def measure(defence: str, rate: str, seconds: float, ack_flood: bool = False) -> Row:
     row = Row(defence, rate)
-    with Lab(mode="local", clients=2) as lab, tempfile.TemporaryDirectory() as tmp:
+    with Lab(mode="local", clients=3) as lab, tempfile.TemporaryDirectory() as tmp:
         lab.popen("server", [PY, "-m", "synproxy.peers", "server", "--port", str(PORT)])
         time.sleep(0.5)
         setup(lab, defence, tmp)
@@ -157,12 +159,14 @@ def measure(defence: str, rate: str, seconds: float) -> Row:
         pace = ["--flood"] if rate == "max" else ["-i", f"u{max(1, 1_000_000 // int(rate))}"]
         cpu0, soft0, t0 = _proc_cpu(pids), _softirq(), time.monotonic()
         off0, sa0 = _counter(lab, "raw", "PREROUTING", []), _counter(lab, "mangle", "POSTROUTING", [])
-        flood = lab.popen("client2", ["timeout", str(seconds), "hping3", "-q", "-S", "-p", str(PORT),
-                                      "--rand-source", *pace, "-c", str(MAX_PACKETS), lab.addr("server")])
+        floods = [lab.popen(host, ["timeout", str(seconds), "hping3", "-q", flag, "-p", str(PORT),
+                                   "--rand-source", *pace, "-c", str(MAX_PACKETS), lab.addr("server")])
+                  for host, flag in (("client2", "-S"), ("client3", "-A"))[:2 if ack_flood else 1]]
         time.sleep(0.5)
         out = lab.run("client", [PY, "-m", "synproxy.peers", "loop", url, "--seconds", str(seconds - 1),
                                  "--interval", "0.02", "--timeout", "3"], timeout=seconds + 30).stdout
-        flood.wait(seconds + 10)
+        for flood in floods:
+            flood.wait(seconds + 10)
         wall = time.monotonic() - t0
         row.offered = (_counter(lab, "raw", "PREROUTING", []) - off0) / wall
         row.synacks = (_counter(lab, "mangle", "POSTROUTING", []) - sa0) / wall
@@ -205,14 +209,16 @@ def main() -> None:
     ap.add_argument("--rates", default="5000,20000,100000,max",
                     help="comma separated SYN/s (hping3 pacing), or max (hping3 --flood)")
     ap.add_argument("--defences", default="unprotected,kernel syncookies,kernel SYNPROXY,synproxy 1,synproxy 2")
+    ap.add_argument("--ack-flood", action="store_true",
+                    help="also flood bare ACKs with bogus cookies at the same pace, from another host")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench/flood.py builds network namespaces: run it as root")
     rows = []
     for rate in args.rates.split(","):
         for defence in args.defences.split(","):
-            print(f"  {defence} at {rate} SYN/s ...", file=sys.stderr, flush=True)
-            rows.append(measure(defence, rate, args.seconds))
+            print(f"  {defence} at {rate} SYN/s{' and ACK/s' if args.ack_flood else ''} ...", file=sys.stderr, flush=True)
+            rows.append(measure(defence, rate, args.seconds, args.ack_flood))
     print(table(rows))
     print("\n(synproxy N = N worker processes; CPU: synproxy processes, or softirq for kernel defences; "
           "the flood generator runs on the same 2-core machine)")
