@@ -55,6 +55,36 @@ def test_ack_flood_with_bogus_cookies(px: Proxied) -> None:
     px.assert_only_validated_crossed(m0, syns0)
 
 
+def test_syn_and_ack_floods_together(px: Proxied) -> None:
+    """Spoofed SYNs and bogus-cookie ACKs at once, from two hosts (~10,000 a second each, within one
+    worker's capacity; at both generators' full speed see README "Limits"): the SYNs are answered
+    and the ACKs dropped, the legitimate client is served, the server's stack sees neither."""
+    server_before, m0, syns0 = px.snmp("server"), px.metrics(), px.server_syns()
+    floods = [px.lab.popen(host, ["timeout", "15", "hping3", "-q", flag, "-p", "8080", "--rand-source", "-i", "u100",
+                                  "-c", "40000", px.server_addr(4)])
+              for host, flag in (("client2", "-S"), ("client3", "-A"))]
+
+    def legit_ok_while_acks_flood() -> None:
+        legit_ok(px)
+        assert floods[1].poll() is None, "the ACK flood ended before the legitimate client did"
+
+    try:
+        during(floods[0], legit_ok_while_acks_flood, "the legitimate client")
+    finally:
+        for flood in floods:
+            flood.wait(20)
+    server_after, m1 = px.snmp("server"), px.metrics()
+
+    def delta(name: str) -> float:
+        return m1.get(name, 0) - m0.get(name, 0)
+
+    assert delta('synproxy_ack_invalid_total{reason="cookie"}') > 10000
+    assert delta("synproxy_synack_sent_total") > 10000
+    assert delta("synproxy_ack_valid_total") == 20  # the legitimate client's, no bogus one
+    assert server_after["OutRsts"] - server_before["OutRsts"] < 10
+    px.assert_only_validated_crossed(m0, syns0)
+
+
 @pytest.mark.parametrize("family, prefix", [(4, "198.18.77.0/24"), (6, "fd53:5059:0:77::/64")])
 def test_syn_flood_from_one_subnet_is_rate_limited(px: Proxied, family: int, prefix: str) -> None:
     """Spoofed SYNs from all over one /24 (IPv6: /64): SYN-ACKs toward it stay within its token bucket."""
