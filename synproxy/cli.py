@@ -592,7 +592,9 @@ def key() -> None:
 def key_rotate(key_file: Path, create: bool) -> None:
     """Start a new cookie key; the old one stays valid for cookies already sent.
 
-    Running workers notice the new file within about a second.
+    Running workers notice the new file within about a second. Only the previous key is kept:
+    rotating again within 133 s (a cookie's lifetime plus the workers' grace) stops checking
+    the one before, so handshakes still using it fail; rotate warns when that happens.
     """
     import time as _time
 
