@@ -192,10 +192,16 @@ def plain_addr(addr: str) -> str:
     return addr.removeprefix("::ffff:")
 
 
-
 def bound_queues(lab: Lab, host: str = "server") -> set[int]:
     """The NFQUEUE numbers bound in `host`'s namespace (read there: /proc/net is per namespace)."""
     return parse_bound_queues(lab.run(host, ["cat", PROC_PATH]).stdout)
+
+
+def ruleset(lab: Lab, host: str = "server") -> str:
+    """`host`'s iptables rules without iptables-save's comment lines, whose timestamps would make two
+    saves of the same rules differ when a second boundary falls between them."""
+    out = lab.run(host, ["iptables-save"]).stdout
+    return "\n".join(line for line in out.splitlines() if not line.startswith("#"))
 
 
 def synproxy_rules_in(lab: Lab, host: str) -> bool:

@@ -14,7 +14,7 @@ import pytest
 
 from synproxy.lab import Lab
 
-from .e2e import SERVER_PORT, SINK_PORT, SYNPROXY, bound_queues, eventually, proxied, synproxy_rules_in
+from .e2e import SERVER_PORT, SINK_PORT, SYNPROXY, bound_queues, eventually, proxied, ruleset, synproxy_rules_in
 
 pytestmark = pytest.mark.e2e
 
@@ -111,13 +111,13 @@ def test_run_refuses_rules_of_another_configuration_in_one_line(lab: Lab, tmp_pa
     """Rules of another configuration (other options, or an older synproxy's layout) are not run's to
     take: it says how to proceed, in one line, exits 1 and leaves them and their ports' protection."""
     lab.run("server", [SYNPROXY, "rules", "install", "--port", "8080", "--queue", str(QUEUE), "--backend", "iptables"])
-    before = lab.run("server", ["iptables-save"]).stdout
+    before = ruleset(lab)
     res = lab.run("server", run_args(tmp_path, "--port", "8081", "--backend", "iptables"), check=False, timeout=30)
     assert res.returncode == 1, res
     last = res.stderr.strip().splitlines()[-1]
     assert "another configuration" in last and "synproxy rules remove" in last and "same options" in last, res.stderr
     assert "older synproxy" in last and "Traceback" not in res.stderr
-    assert lab.run("server", ["iptables-save"]).stdout == before and not bound_queues(lab)
+    assert ruleset(lab) == before and not bound_queues(lab)
     lab.run("server", [SYNPROXY, "rules", "remove"])
 
 
