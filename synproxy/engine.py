@@ -16,6 +16,10 @@ Life of a connection:
                             window values rescaled between the two window scales.
   FIN both ways, RST,    -> state removed (after a short linger for retransmissions).
   idle timeout
+A client's RST counts only as the server would take it (RFC 5961): out of the window the
+server last announced it is dropped; in it but not at the next expected sequence number it
+is passed on and the server asked (a keepalive-style probe) whether its socket is still there;
+so a blind spoofer cannot end the proxy's half of a connection the server keeps.
 """
 
 from __future__ import annotations
@@ -92,6 +96,9 @@ _SHED_DROPS = {shed: Drop(f"shed_{shed.value}") for shed in Shed}
 _SHED_OVERLOAD = _SHED_DROPS[Shed.OVERLOAD]
 _SYN_KIND = SYN | ACK | RST | FIN  # a pure SYN has only SYN of these
 _BAD_SOURCE = Drop("bad_source")
+_RST_OUT_OF_WINDOW = Drop("rst_out_of_window")
+_PROBE_ANSWERED = Drop("probe_answered")
+_LOW64 = (1 << 64) - 1
 _V4_BROADCAST = b"\xff\xff\xff\xff"
 _V6_MAPPED = bytes(10) + b"\xff\xff"
 _V6_UNSPECIFIED, _V6_LOOPBACK = bytes(16), bytes(15) + b"\x01"
@@ -290,10 +297,22 @@ class Conn:
     state: ClassVar[State] = State.ESTABLISHED
     shape: Shape
     seen: int  # tick of the last packet (see IDLE_TICKS)
-    # seq_offset | ts_offset << 32 (see Translation): one 64-bit int where two cost 64
-    # bytes. Adding or subtracting it mod 2**32 applies seq_offset as it is; only the
-    # timestamps need the shift.
+    # seq_offset | ts_offset << 32 (see Translation) | client_next << 64 | server_window
+    # << 96: one int where four cost 128 bytes. Adding or subtracting it mod 2**32 applies
+    # seq_offset as it is; only the timestamps need the shift (and the mask after it).
+    # client_next and server_window are the ACK number and window field of the server's
+    # latest packet: where the server takes a client's RST (see Engine._client_rst).
     offsets: int = 0
+
+    @property
+    def client_next(self) -> int:
+        """The client sequence number the server last said it expects next."""
+        return (self.offsets >> 64) & U32
+
+    @property
+    def server_window(self) -> int:
+        """The window field of the server's latest packet (in the server's scale)."""
+        return self.offsets >> 96
 
     @property
     def seq_offset(self) -> int:
@@ -301,7 +320,7 @@ class Conn:
 
     @property
     def ts_offset(self) -> int:
-        return self.offsets >> 32
+        return (self.offsets >> 32) & U32
 
     @property
     def translation(self) -> Translation:
@@ -319,6 +338,16 @@ class PendingConn(Conn):
     state: ClassVar[State] = State.PENDING
     handshake: Handshake
     deadline: float = 0.0  # the next SYN resend or the give-up (its timer heap entry)
+
+
+@dataclass(slots=True, kw_only=True)
+class ResetConn(Conn):
+    """An established connection whose client sent a RST the server may not have taken
+    (in its window, not at the sequence number it expects): still counted as established
+    until the server's answer to a probe says whether its socket is gone."""
+
+    deadline: float = 0.0  # the next probe, or the give-up (its timer heap entry)
+    probes: int = 0  # probes sent so far
 
 
 @dataclass(slots=True, kw_only=True)
@@ -345,6 +374,7 @@ class Stats:
     shed: Counter[str] = field(default_factory=Counter)  # caps and rate limits
     evicted: Counter[str] = field(default_factory=Counter)  # bounded tables
     retries_answered: int = 0  # SYNs let through under overload because they repeated a shed one
+    client_resets: Counter[str] = field(default_factory=Counter)  # what became of clients' RSTs
 
 
 # ---------------------------------------------------------------- the engine
@@ -546,7 +576,7 @@ class Engine:
         """A client's packet and the state of its tuple, if any."""
         if conn is None:
             return self._from_client_stateless(pkt, key, None, now)
-        if isinstance(conn, ClosingConn) and pkt.flags & (SYN | ACK | RST) in (SYN, ACK):
+        if isinstance(conn, ClosingConn | ResetConn) and pkt.flags & (SYN | ACK | RST) in (SYN, ACK):
             # Perhaps a new connection on the same tuple right after the old one.
             return self._from_client_stateless(pkt, key, conn, now)
         return self._from_client(pkt, key, conn, now)
@@ -558,6 +588,12 @@ class Engine:
         return self._from_server(pkt, key, conn, now)
 
     SWEEP_BATCH = 2000  # established connections looked at per sweep step
+    # A client's RST the server may not have taken: the server is probed this long after it
+    # (its own answer, a challenge ACK or nothing, comes within a round trip; Linux answers
+    # an out-of-window segment at most every 500 ms), up to RESET_PROBES times this far apart;
+    # no answer to any of them counts as the socket being gone.
+    RESET_PROBE_DELAY = 1.0
+    RESET_PROBES = 2
 
     def next_deadline(self) -> float | None:
         """When `handle_timer` should next be called (None: no timers)."""
@@ -577,7 +613,7 @@ class Engine:
         while timers and timers[0][0] <= now:
             at, key = heapq.heappop(timers)
             conn = self.conns.get(key)
-            if not isinstance(conn, PendingConn | ClosingConn) or conn.deadline != at:
+            if not isinstance(conn, PendingConn | ClosingConn | ResetConn) or conn.deadline != at:
                 continue  # stale entry: the connection is gone, moved on or re-armed
             out.extend(self._expire(key, conn, now))
         if now >= self._sweep_at and (self.limits.established or self._sweep_keys):
@@ -641,7 +677,7 @@ class Engine:
 
     # ------------------------------------------------------------ helpers
 
-    def _set_timer(self, key: ConnKey, conn: PendingConn | ClosingConn, at: float) -> None:
+    def _set_timer(self, key: ConnKey, conn: PendingConn | ClosingConn | ResetConn, at: float) -> None:
         conn.deadline = at
         heapq.heappush(self._timers, (at, key))
 
@@ -675,7 +711,9 @@ class Engine:
 
     # ------------------------------------------------------------ client side
 
-    def _from_client_stateless(self, pkt: Packet, key: ConnKey, old: ClosingConn | None, now: float) -> list[Action]:
+    def _from_client_stateless(
+        self, pkt: Packet, key: ConnKey, old: ClosingConn | ResetConn | None, now: float
+    ) -> list[Action]:
         flags = pkt.flags
         if flags & (SYN | ACK | RST) == SYN:
             return self._answer_syn(pkt, now)
@@ -692,7 +730,7 @@ class Engine:
             (o.mss, o.wscale, o.sack_ok, o.ts[0] if o.ts is not None else None), now,
         )
 
-    def _validate(self, pkt: Packet, key: ConnKey, old: ClosingConn | None, now: float) -> list[Action]:
+    def _validate(self, pkt: Packet, key: ConnKey, old: ClosingConn | ResetConn | None, now: float) -> list[Action]:
         """An ACK (or data) without state must carry a cookie for exactly seq-1."""
         client_isn = (pkt.seq - 1) & U32
         match = self.cookies.check(
@@ -788,6 +826,10 @@ class Engine:
         conn.seen = self._tick(now)
         if isinstance(conn, PendingConn):
             if pkt.flags & RST:
+                # The client can send no further than the SYN-ACK's (unscaled) window.
+                if (pkt.seq - conn.handshake.client_isn - 1) & U32 > MAX_WINDOW_FIELD:
+                    self.stats.client_resets["out_of_window"] += 1
+                    return [_RST_OUT_OF_WINDOW]
                 return self._abort_pending(key, conn, "client_rst")
             if pkt.flags & SYN:
                 return self._answer_syn(pkt, now) if not pkt.flags & ACK else [Drop("no_state")]
@@ -800,6 +842,11 @@ class Engine:
                 self.stats.dropped["unexpected_synack"] += 1
                 return [Drop("unexpected_synack")]
             return self._answer_syn(pkt, now)
+        if pkt.flags & RST and not isinstance(conn, ClosingConn):
+            verdict = self._client_rst(pkt, key, conn, now)
+            if verdict is not None:
+                return [verdict]
+            conn = self.conns[key]  # a ResetConn if the server must be asked
         shape, offsets = conn.shape, conn.offsets
         new_ack = (pkt.ack - offsets) & U32 if pkt.flags & ACK else None
         ts = pkt.options.ts
@@ -813,9 +860,47 @@ class Engine:
             tsecr=(ts[1] + (offsets >> 32)) & U32 if ts is not None and shape.ts else None,
             sack_delta=-offsets & U32,
         )
-        self._track_close(key, conn, pkt, Direction.FROM_CLIENT, now)
+        if not isinstance(conn, ResetConn) or not pkt.flags & RST:  # a RST that may not count closes nothing yet
+            self._track_close(key, conn, pkt, Direction.FROM_CLIENT, now)
         self.stats.translated += 1
         return [Accept(out)]
+
+    def _client_rst(self, pkt: Packet, key: ConnKey, conn: Conn, now: float) -> Drop | None:
+        """Judge a client's RST on an established connection as the server will (RFC 5961):
+        at the sequence number it expects next, it closes (None: translate and close as
+        ever); outside its window, the server ignores it, so it is dropped here; in the
+        window but not at that number, the server answers with a challenge ACK, or takes it
+        if its ACKs had not reached the proxy yet: it is passed on (None) and the connection
+        becomes a ResetConn, whose probes ask the server which (`_probe_server`)."""
+        offset = (pkt.seq - conn.client_next) & U32
+        if offset == 0:
+            self.stats.client_resets["exact"] += 1
+            if isinstance(conn, ResetConn):  # e.g. the client's answer to a challenge ACK
+                self.conns[key] = Conn(conn.shape, conn.seen, conn.offsets)
+            return None
+        if offset > conn.server_window << conn.shape.server_send_shift:
+            self.stats.client_resets["out_of_window"] += 1
+            return _RST_OUT_OF_WINDOW
+        self.stats.client_resets["in_window"] += 1
+        if not isinstance(conn, ResetConn):
+            self.conns[key] = reset = ResetConn(conn.shape, conn.seen, conn.offsets)
+            self._set_timer(key, reset, now + self.RESET_PROBE_DELAY)
+        return None
+
+    def _probe_server(self, key: ConnKey, conn: ResetConn, now: float) -> list[Action]:
+        """Ask the server whether it still has the connection: an ACK below the window it
+        announced (as a keepalive probe) gets a duplicate ACK from a live socket (which
+        revives the connection in `_from_server`) and a RST where there is none."""
+        if conn.probes >= self.RESET_PROBES:  # no answer: the socket is gone, or the server
+            self.stats.client_resets["unanswered"] += 1
+            self._remove(key, conn, "rst")
+            return []
+        conn.probes += 1
+        family, client, cport, server, sport = split_key(key)
+        window = MAX_WINDOW_FIELD >> conn.shape.server_recv_shift
+        probe = P.build(family, client, server, cport, sport, (conn.client_next - 1) & U32, 0, ACK, window)
+        self._set_timer(key, conn, now + self.RESET_PROBE_DELAY)
+        return [Send(family, server, probe, Direction.FROM_CLIENT, "probe")]
 
     # ------------------------------------------------------------ server side
 
@@ -844,9 +929,16 @@ class Engine:
                 # Our ACK to the server was lost: send it again.
                 return [Drop("synack_retransmit"), self._ack_to_server(key, conn, pkt)]
             return [Drop("unexpected_syn")]
+        if isinstance(conn, ResetConn):
+            verdict = self._server_after_reset(pkt, key, conn)
+            if verdict is not None:
+                return [verdict]
+            conn = self.conns[key]
         ts = pkt.options.ts
         window = pkt.window
         shape, offsets = conn.shape, conn.offsets
+        if flags & ACK:  # where the server now takes a client's RST (see _client_rst)
+            conn.offsets = offsets & _LOW64 | pkt.ack << 64 | window << 96
         if shape.server_send_shift != shape.client_recv_shift:
             window = rescale_window(window, shape.server_send_shift, shape.client_recv_shift)
         out = P.rewrite(
@@ -858,6 +950,24 @@ class Engine:
         self._track_close(key, conn, pkt, Direction.FROM_SERVER, now)
         self.stats.translated += 1
         return [Accept(out)]
+
+    def _server_after_reset(self, pkt: Packet, key: ConnKey, conn: ResetConn) -> Drop | None:
+        """A server's packet after a client's RST it may not have taken. Its RST says the
+        socket is gone (translated and closed as ever: None). Anything else once a probe went
+        out says it is there: the connection is established again, and an empty ACK, the
+        probe's answer, is dropped. Before the first probe it proves nothing (it may have left
+        before the RST arrived) and is passed on; so is the challenge ACK, which a client that
+        did reset answers with a RST at the exact number."""
+        if pkt.flags & RST or not conn.probes:
+            if pkt.flags & RST:
+                self.stats.client_resets["confirmed"] += 1
+                self.conns[key] = Conn(conn.shape, conn.seen, conn.offsets)  # closed by _track_close
+            return None
+        self.stats.client_resets["refuted"] += 1
+        self.conns[key] = Conn(conn.shape, conn.seen, conn.offsets)
+        if not pkt.payload_len and not pkt.flags & (FIN | SYN):
+            return _PROBE_ANSWERED
+        return None
 
     def _server_synack(
         self, pkt: Packet, key: ConnKey, pending: PendingConn, hs: Handshake, now: float
@@ -878,7 +988,10 @@ class Engine:
             shape, ts=offered_ts and opts.ts is not None,
             server_recv_shift=server_recv_shift, server_send_shift=server_send_shift,
         ))
-        self.conns[key] = conn = Conn(shape, pending.seen, seq_offset | ts_offset << 32)
+        self.conns[key] = conn = Conn(
+            shape, pending.seen,
+            seq_offset | ts_offset << 32 | pkt.ack << 64 | (pkt.window >> server_send_shift) << 96,
+        )
         # A SYN-ACK answers only what the SYN offered: learn just those options.
         prev = self.profile(family, server, sport)
         self.learn_profile(
@@ -954,10 +1067,12 @@ class Engine:
             self.conns[key] = conn = ClosingConn(conn.shape, conn.seen, conn.offsets)
         self._set_timer(key, conn, now + self.config.closing_linger)
 
-    def _expire(self, key: ConnKey, conn: PendingConn | ClosingConn, now: float) -> list[Action]:
+    def _expire(self, key: ConnKey, conn: PendingConn | ClosingConn | ResetConn, now: float) -> list[Action]:
         if isinstance(conn, ClosingConn):
             self._forget(key)  # linger over
             return []
+        if isinstance(conn, ResetConn):
+            return self._probe_server(key, conn, now)
         hs = conn.handshake
         family, client, cport, server, sport = split_key(key)
         if now >= hs.gives_up_at:

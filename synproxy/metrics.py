@@ -38,6 +38,7 @@ KNOWN_LABELS: dict[str, tuple[str, ...]] = {
     "synproxy_ack_invalid": ("cookie",),
     "synproxy_connections_closed": ("fin", "rst", "idle"),
     "synproxy_evictions": ("profiles", "advertised_wscale", "synack_plans", "shapes"),
+    "synproxy_client_resets": ("exact", "in_window", "out_of_window", "refuted", "confirmed", "unanswered"),
 }
 
 
@@ -104,6 +105,12 @@ class SynproxyCollector(Collector):
         yield _labelled("synproxy_malformed_packets", "Queued packets that did not parse", "reason", st.malformed)
         yield _counter("synproxy_packets_translated", "Packets of established connections rewritten", st.translated)
         yield _labelled("synproxy_connections_closed", "Established connections ended, by cause", "reason", st.closed)
+        yield _labelled(
+            "synproxy_client_resets", "Clients' RSTs on established connections, by where they fell in the window "
+            "the server last announced (exact: closed; out_of_window: dropped, as the server would; in_window: passed "
+            "on and the server probed), and what the probe found (refuted: the server kept the connection, so did the "
+            "proxy; confirmed; unanswered: closed)", "kind", st.client_resets,
+        )
         yield _labelled("synproxy_evictions", "Table entries evicted to stay within bounds", "table", st.evicted)
         yield _labelled("synproxy_packets_sent", "Packets the proxy made and sent, by kind", "kind", self.shell.sent)
         yield _labelled("synproxy_send_errors", "Raw socket send failures, by errno", "errno", self.shell.send_errors)

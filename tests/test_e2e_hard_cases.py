@@ -305,6 +305,59 @@ def test_rst_from_client_and_from_server(px: Proxied) -> None:
     assert px.metrics()['synproxy_connections{state="established"}'] == 0
 
 
+SPOOFED_RESETS = (
+    "import json,socket,sys,time\n"
+    "from scapy.all import AsyncSniffer,IP,TCP,send\n"
+    "host,port=sys.argv[1],int(sys.argv[2])\n"
+    "sn=AsyncSniffer(store=True,lfilter=lambda p:TCP in p and p[TCP].dport==port)\n"
+    "sn.start();time.sleep(0.5)\n"
+    "s=socket.create_connection((host,port),timeout=30)\n"
+    "s.sendall(b'first');time.sleep(0.5)\n"
+    "mine=[p for p in sn.stop() if p[TCP].sport==s.getsockname()[1]]\n"
+    "nxt=max(p[TCP].seq+len(p[TCP].payload) for p in mine)&0xffffffff\n"
+    "cport=s.getsockname()[1]\n"
+    "for seq in (nxt+(1<<31),nxt+1000):  # outside the server's window; inside it, not exact\n"
+    "  send(IP(dst=host)/TCP(sport=cport,dport=port,flags='R',seq=seq&0xffffffff),verbose=False)\n"
+    "print(json.dumps({'next':nxt}),flush=True)\n"
+    "sys.stdin.readline()\n"
+    "s.sendall(b'-second');s.shutdown(socket.SHUT_WR)\n"
+    "r=b''\n"
+    "while True:\n"
+    "  p=s.recv(65536)\n"
+    "  if not p: break\n"
+    "  r+=p\n"
+    "print(bytes.fromhex(json.loads(r)['data']).decode(),flush=True)\n"
+)
+
+
+def test_spoofed_client_resets_do_not_end_a_live_connection(px: Proxied) -> None:
+    """A blind attacker who knows the four-tuple sends RSTs as the client: one outside the server's
+    window (dropped: the server would ignore it) and one inside it but not at the next expected
+    number (passed on: the server answers with a challenge ACK; the proxy's probe gets a duplicate
+    ACK from the live socket). The connection outlives the closing linger and carries data after."""
+    before = px.metrics()
+    proc = px.lab.popen("client", [PYTHON, "-c", SPOOFED_RESETS, px.server_addr(4), str(SINK_PORT)],
+                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        assert "next" in json.loads(proc.stdout.readline())
+        kinds = ("out_of_window", "in_window", "refuted")
+        counts = eventually(
+            lambda: {k: px.metrics()[f'synproxy_client_resets_total{{kind="{k}"}}']
+                     - before.get(f'synproxy_client_resets_total{{kind="{k}"}}', 0) for k in kinds},
+            lambda c: c["refuted"] >= 1, 5)
+        assert counts == {"out_of_window": 1, "in_window": 1, "refuted": 1}, counts
+        assert px.metrics()['synproxy_connections{state="established"}'] == 1
+        time.sleep(11)  # past the 10 s closing linger the proxy gave RSTs before
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        out, _ = proc.communicate(timeout=30)
+        assert out.strip() == "first-second", out
+    finally:
+        proc.kill()
+        proc.wait(5)
+
+
 # ---------------------------------------------------------------- case 8: proxy restart
 
 

@@ -471,6 +471,100 @@ def test_rst_from_client_forwarded() -> None:
     assert eng.established == 0 and eng.stats.closed["rst"] == 1
 
 
+# ------------------------------------------------------------------ clients' RSTs (RFC 5961)
+
+
+def established_with_server_ack(eng: Engine, f: Flow, acked: int = 0, window: int = 500) -> P.Packet:
+    """A connection whose server last acknowledged `acked` client bytes with this window
+    field (scale 7: 500 is 64,000 bytes); the client's SYN-ACK."""
+    synack, _, _ = handshake(eng, f)
+    accepted(eng.handle(f.s(f.server_isn + 1, f.client_isn + 1 + acked, ACK, window, b"z"), S2C, T0 + 0.5))
+    return synack
+
+
+def test_client_rst_outside_the_servers_window_is_dropped_and_closes_nothing() -> None:
+    """A blind spoofer's RST (any sequence number) must not end the proxy's half of a
+    connection the server keeps: the server ignores it, so it is dropped here too."""
+    eng, f = make_engine(), Flow(ts=False)
+    synack = established_with_server_ack(eng, f, acked=5000, window=10)  # 1,280 bytes
+    nxt = f.client_isn + 1 + 5000
+    for seq in (nxt + 2000, nxt - 1, nxt + (1 << 31)):
+        assert eng.handle(f.c(seq & U32, synack.seq + 2, RST | ACK), C2S, T0 + 1) == [Drop("rst_out_of_window")]
+    assert eng.established == 1 and eng.stats.client_resets["out_of_window"] == 3
+    eng.handle_timer(T0 + 60)  # past any linger
+    got = accepted(eng.handle(f.c(nxt, synack.seq + 2, ACK, payload=b"still"), C2S, T0 + 61))
+    assert got.ack == f.server_isn + 2 and eng.established == 1
+
+
+def test_client_rst_in_window_not_exact_is_passed_on_and_a_live_server_keeps_it() -> None:
+    """In the window but not at the number the server expects: the server answers with a
+    challenge ACK (passed on, proves nothing yet); the probe after RESET_PROBE_DELAY gets a
+    duplicate ACK from the live socket, which is dropped and keeps the connection."""
+    eng, f = make_engine(), Flow(ts=False)
+    synack = established_with_server_ack(eng, f)
+    nxt = f.client_isn + 1
+    rst = accepted(eng.handle(f.c(nxt + 1000, synack.seq + 2, RST | ACK), C2S, T0 + 1))
+    assert rst.flags & RST and rst.ack == f.server_isn + 2
+    assert eng.established == 1 and eng.stats.closed["rst"] == 0
+    challenge = accepted(eng.handle(f.s(f.server_isn + 2, nxt, ACK), S2C, T0 + 1.001))
+    assert challenge.ack == nxt
+    assert eng.handle_timer(T0 + 1.5) == []
+    probe = one(eng.handle_timer(T0 + 2), "probe")
+    assert (probe.dst, probe.flags, probe.seq) == (f.server, ACK, nxt - 1)  # below the window: answered
+    assert eng.handle(f.s(f.server_isn + 2, nxt, ACK), S2C, T0 + 2.001) == [Drop("probe_answered")]
+    assert eng.stats.client_resets["refuted"] == 1 and eng.established == 1
+    assert eng.handle_timer(T0 + 10) == [] and eng.established == 1
+    got = accepted(eng.handle(f.s(f.server_isn + 2, nxt, ACK | PSH, payload=b"more"), S2C, T0 + 11))
+    assert got.seq == synack.seq + 2
+
+
+def test_client_rst_in_window_confirmed_by_the_servers_rst() -> None:
+    eng, f = make_engine(closing_linger=2.0), Flow(ts=False)
+    synack = established_with_server_ack(eng, f)
+    nxt = f.client_isn + 1
+    accepted(eng.handle(f.c(nxt + 10, synack.seq + 2, RST), C2S, T0 + 1))
+    one(eng.handle_timer(T0 + 2), "probe")
+    accepted(eng.handle(f.s(0, 0, RST), S2C, T0 + 2.001))  # no socket: the server resets the probe
+    assert eng.established == 0 and eng.stats.closed["rst"] == 1 and eng.stats.client_resets["confirmed"] == 1
+    eng.handle_timer(T0 + 5)
+    assert eng.conns == {} and eng.limits.established == 0
+
+
+def test_client_rst_in_window_and_a_silent_server_close_after_the_probes() -> None:
+    eng, f = make_engine(), Flow(ts=False)
+    synack = established_with_server_ack(eng, f)
+    accepted(eng.handle(f.c(f.client_isn + 11, synack.seq + 2, RST), C2S, T0 + 1))
+    one(eng.handle_timer(T0 + 2), "probe")
+    one(eng.handle_timer(T0 + 3), "probe")
+    assert eng.established == 1
+    assert eng.handle_timer(T0 + 4) == []
+    assert eng.conns == {} and eng.established == 0
+    assert eng.stats.closed["rst"] == 1 and eng.stats.client_resets["unanswered"] == 1
+
+
+def test_client_answers_a_challenge_ack_with_the_exact_rst_and_closes_at_once() -> None:
+    """The client did reset, with data the server had taken but not yet acknowledged to the
+    proxy: its first RST is not exact; the server's challenge ACK says where; the second is."""
+    eng, f = make_engine(), Flow(ts=False)
+    synack = established_with_server_ack(eng, f)
+    nxt = f.client_isn + 1
+    accepted(eng.handle(f.c(nxt, synack.seq + 2, ACK | PSH, payload=b"12345"), C2S, T0 + 1))
+    accepted(eng.handle(f.c(nxt + 5, synack.seq + 2, RST | ACK), C2S, T0 + 1))
+    assert eng.established == 1
+    accepted(eng.handle(f.s(f.server_isn + 2, nxt + 5, ACK), S2C, T0 + 1.001))  # the challenge ACK
+    accepted(eng.handle(f.c(nxt + 5, 0, RST), C2S, T0 + 1.002))
+    assert eng.established == 0 and eng.stats.client_resets["exact"] == 1
+    assert eng.handle_timer(T0 + 2) == []  # no probe for a connection already closed
+
+
+def test_pending_client_rst_outside_the_synacks_window_is_dropped() -> None:
+    eng, f = make_engine(), Flow(ts=False)
+    synack = one(eng.handle(f.syn(), C2S, T0), "synack")
+    eng.handle(f.c(f.client_isn + 1, synack.seq + 1, ACK), C2S, T0)
+    bogus = f.c(f.client_isn + 1 + 70_000, 0, RST)
+    assert eng.handle(bogus, C2S, T0 + 0.001) == [Drop("rst_out_of_window")] and eng.pending == 1
+
+
 def test_ten_minutes_idle_then_data() -> None:
     eng, f = make_engine(), Flow()  # default idle timeout 7440 s
     synack, _, _ = handshake(eng, f)
