@@ -860,7 +860,7 @@ class Engine:
             tsecr=(ts[1] + (offsets >> 32)) & U32 if ts is not None and shape.ts else None,
             sack_delta=-offsets & U32,
         )
-        if not isinstance(conn, ResetConn) or not pkt.flags & RST:  # a RST that may not count closes nothing yet
+        if not pkt.flags & RST or not isinstance(conn, ResetConn):  # a RST that may not count closes nothing yet
             self._track_close(key, conn, pkt, Direction.FROM_CLIENT, now)
         self.stats.translated += 1
         return [Accept(out)]
@@ -916,7 +916,8 @@ class Engine:
     def _from_server(self, pkt: Packet, key: ConnKey, conn: Conn, now: float) -> list[Action]:
         conn.seen = self._tick(now)
         flags = pkt.flags
-        if isinstance(conn, PendingConn):
+        kind = type(conn)  # one look for the phases other than established (the common case)
+        if kind is PendingConn:
             hs = conn.handshake
             if flags & (SYN | ACK) == SYN | ACK and pkt.ack == (hs.client_isn + 1) & U32:
                 return self._server_synack(pkt, key, conn, hs, now)
@@ -929,7 +930,7 @@ class Engine:
                 # Our ACK to the server was lost: send it again.
                 return [Drop("synack_retransmit"), self._ack_to_server(key, conn, pkt)]
             return [Drop("unexpected_syn")]
-        if isinstance(conn, ResetConn):
+        if kind is ResetConn:
             verdict = self._server_after_reset(pkt, key, conn)
             if verdict is not None:
                 return [verdict]
