@@ -1054,6 +1054,13 @@ class Engine:
             return
         if flags & FIN:
             if direction is Direction.FROM_CLIENT:
+                # A FIN the server would not take (beyond its window, or older than what it
+                # acknowledged, unless it is the FIN it acknowledged last) is passed on but does
+                # not count: a spoofed one would end the state at the server's own FIN.
+                fin_end = (pkt.seq + pkt.payload_len + 1 - conn.client_next) & U32
+                if fin_end > (conn.server_window << conn.shape.server_send_shift) + 1:
+                    self.stats.dropped["fin_out_of_window"] += 1
+                    return
                 shape = replace(conn.shape, fin_from_client=True)
             else:
                 shape = replace(conn.shape, fin_from_server=True)

@@ -557,6 +557,25 @@ def test_client_answers_a_challenge_ack_with_the_exact_rst_and_closes_at_once() 
     assert eng.handle_timer(T0 + 2) == []  # no probe for a connection already closed
 
 
+def test_client_fin_outside_the_servers_window_does_not_count() -> None:
+    """A spoofed FIN, then the server's own FIN (it half-closes): the connection stays, and the
+    client's later data still gets through; the real FIN (and its retransmission) closes it."""
+    eng, f = make_engine(closing_linger=2.0), Flow(ts=False)
+    synack = established_with_server_ack(eng, f, acked=100, window=10)  # 1,280 bytes
+    nxt = f.client_isn + 1 + 100
+    accepted(eng.handle(f.c(nxt + 5000, synack.seq + 2, FIN | ACK), C2S, T0 + 1))  # passed on, not counted
+    accepted(eng.handle(f.s(f.server_isn + 2, nxt, FIN | ACK), S2C, T0 + 1))
+    assert eng.established == 1 and eng.stats.dropped["fin_out_of_window"] == 1
+    eng.handle_timer(T0 + 30)
+    accepted(eng.handle(f.c(nxt, synack.seq + 3, ACK, payload=b"more"), C2S, T0 + 31))
+    accepted(eng.handle(f.s(f.server_isn + 3, nxt + 4, ACK), S2C, T0 + 31))
+    accepted(eng.handle(f.c(nxt + 4, synack.seq + 3, FIN | ACK), C2S, T0 + 32))
+    assert eng.established == 0 and eng.stats.closed["fin"] == 1
+    accepted(eng.handle(f.s(f.server_isn + 3, nxt + 5, ACK), S2C, T0 + 32))
+    accepted(eng.handle(f.c(nxt + 4, synack.seq + 3, FIN | ACK), C2S, T0 + 32.5))  # a retransmission
+    assert eng.stats.dropped["fin_out_of_window"] == 1
+
+
 def test_pending_client_rst_outside_the_synacks_window_is_dropped() -> None:
     eng, f = make_engine(), Flow(ts=False)
     synack = one(eng.handle(f.syn(), C2S, T0), "synack")
