@@ -98,6 +98,7 @@ _SYN_KIND = SYN | ACK | RST | FIN  # a pure SYN has only SYN of these
 _BAD_SOURCE = Drop("bad_source")
 _RST_OUT_OF_WINDOW = Drop("rst_out_of_window")
 _PROBE_ANSWERED = Drop("probe_answered")
+_FIN_OUT_OF_WINDOW = Drop("fin_out_of_window")
 _LOW64 = (1 << 64) - 1
 _V4_BROADCAST = b"\xff\xff\xff\xff"
 _V6_MAPPED = bytes(10) + b"\xff\xff"
@@ -842,11 +843,15 @@ class Engine:
                 self.stats.dropped["unexpected_synack"] += 1
                 return [Drop("unexpected_synack")]
             return self._answer_syn(pkt, now)
-        if pkt.flags & RST and not isinstance(conn, ClosingConn):
-            verdict = self._client_rst(pkt, key, conn, now)
-            if verdict is not None:
-                return [verdict]
-            conn = self.conns[key]  # a ResetConn if the server must be asked
+        if pkt.flags & (RST | FIN) and not isinstance(conn, ClosingConn):
+            if pkt.flags & RST:
+                verdict = self._client_rst(pkt, key, conn, now)
+                if verdict is not None:
+                    return [verdict]
+                conn = self.conns[key]  # a ResetConn if the server must be asked
+            elif self._fin_out_of_window(pkt, conn):
+                self.stats.dropped["fin_out_of_window"] += 1
+                return [_FIN_OUT_OF_WINDOW]
         shape, offsets = conn.shape, conn.offsets
         new_ack = (pkt.ack - offsets) & U32 if pkt.flags & ACK else None
         ts = pkt.options.ts
@@ -864,6 +869,14 @@ class Engine:
             self._track_close(key, conn, pkt, Direction.FROM_CLIENT, now)
         self.stats.translated += 1
         return [Accept(out)]
+
+    @staticmethod
+    def _fin_out_of_window(pkt: Packet, conn: Conn) -> bool:
+        """A client's FIN the server would not take: beyond its window, or older than what it
+        acknowledged (unless it is the FIN it acknowledged last). Dropped, like such a RST: a
+        spoofed one would otherwise end the state at the server's own FIN."""
+        fin_end = (pkt.seq + pkt.payload_len + 1 - conn.client_next) & U32
+        return fin_end > (conn.server_window << conn.shape.server_send_shift) + 1
 
     def _client_rst(self, pkt: Packet, key: ConnKey, conn: Conn, now: float) -> Drop | None:
         """Judge a client's RST on an established connection as the server will (RFC 5961):
@@ -1054,13 +1067,6 @@ class Engine:
             return
         if flags & FIN:
             if direction is Direction.FROM_CLIENT:
-                # A FIN the server would not take (beyond its window, or older than what it
-                # acknowledged, unless it is the FIN it acknowledged last) is passed on but does
-                # not count: a spoofed one would end the state at the server's own FIN.
-                fin_end = (pkt.seq + pkt.payload_len + 1 - conn.client_next) & U32
-                if fin_end > (conn.server_window << conn.shape.server_send_shift) + 1:
-                    self.stats.dropped["fin_out_of_window"] += 1
-                    return
                 shape = replace(conn.shape, fin_from_client=True)
             else:
                 shape = replace(conn.shape, fin_from_server=True)

@@ -557,13 +557,13 @@ def test_client_answers_a_challenge_ack_with_the_exact_rst_and_closes_at_once() 
     assert eng.handle_timer(T0 + 2) == []  # no probe for a connection already closed
 
 
-def test_client_fin_outside_the_servers_window_does_not_count() -> None:
+def test_client_fin_outside_the_servers_window_is_dropped() -> None:
     """A spoofed FIN, then the server's own FIN (it half-closes): the connection stays, and the
     client's later data still gets through; the real FIN (and its retransmission) closes it."""
     eng, f = make_engine(closing_linger=2.0), Flow(ts=False)
     synack = established_with_server_ack(eng, f, acked=100, window=10)  # 1,280 bytes
     nxt = f.client_isn + 1 + 100
-    accepted(eng.handle(f.c(nxt + 5000, synack.seq + 2, FIN | ACK), C2S, T0 + 1))  # passed on, not counted
+    assert eng.handle(f.c(nxt + 5000, synack.seq + 2, FIN | ACK), C2S, T0 + 1) == [Drop("fin_out_of_window")]
     accepted(eng.handle(f.s(f.server_isn + 2, nxt, FIN | ACK), S2C, T0 + 1))
     assert eng.established == 1 and eng.stats.dropped["fin_out_of_window"] == 1
     eng.handle_timer(T0 + 30)
