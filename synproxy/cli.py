@@ -348,7 +348,8 @@ def _limit_options(func: Any) -> Any:
                    "passed them to the server), the SYNs waiting at "
                    "which the worker is behind: it then sheds first attempts, remembers them for 4-8 s and "
                    "answers each one's first retransmission (0 = off: the kernel drops the overflow at random, "
-                   "retransmissions included).")
+                   "retransmissions included, or with --queue-bypass passes it to the server). With --queue-bypass "
+                   "any other value acts as 1: an overflow would cross unprotected.")
 @_limit_options
 def run(
     ports: tuple[int, ...], queue: int, workers: int, worker_index: int | None, mode: str, wscale: int | None,

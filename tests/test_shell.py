@@ -108,7 +108,7 @@ def _run(traffic: int, syns: int, shed: bool = False, engine_log: list[bool] | N
     shell.engine = engine  # type: ignore[assignment]
     shell.sender, shell.stats, shell.clock = _Sender(_Wire()), ShellStats(), lambda: 0.0  # type: ignore[assignment]
     shell.on_tick, shell._stop, shell._next_tick, shell._service_due = None, False, 0.0, 0.0
-    shell.overload_backlog = Shell.OVERLOAD_BACKLOG
+    shell.overload_backlog, shell.fail_open = Shell.OVERLOAD_BACKLOG, False
     depth = _Depth(queues[1]) if shed else None
     try:
         shell._serve(queues, depth)  # type: ignore[arg-type]
@@ -299,3 +299,12 @@ def test_shell_releases_sends_and_accepts_in_the_order_the_engine_made_them(queu
     order = [w for w in wire.out if not w.startswith("drop")]
     assert order == ["synack1", "ack-for-p2", "accept 2", "synack3", "accept 4"]
     assert sorted(w for w in wire.out if w.startswith("drop")) == ["drop 1", "drop 3", "drop 5"]
+
+
+@pytest.mark.parametrize(("backlog", "fail_open", "want"), [(512, False, 512), (512, True, 1), (0, True, 0), (0, False, 0)])
+def test_fail_open_sheds_behind_any_full_batch(backlog: int, fail_open: bool, want: int) -> None:
+    """With --queue-bypass an overflow crosses to the server unprotected: once behind, a worker
+    sheds every full batch with a SYN behind it. 0 (shedding off) stays off."""
+    shell = Shell.__new__(Shell)
+    shell.overload_backlog, shell.fail_open = backlog, fail_open
+    assert shell.gate_backlog == want
