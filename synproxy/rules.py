@@ -81,9 +81,11 @@ class RuleConfig:
     def fingerprint(self) -> str:
         """Short id of this configuration, stored with the installed rules."""
         # The layout: "syn-queue", separate SYN queues; "lo", the host's own connections pass (local
-        # mode). Rules of earlier layouts differ, so they count as another configuration.
+        # mode); "rpf", packets from a protected port that arrive where the route to their source
+        # does not lead are dropped (gateway mode). Rules of earlier layouts differ, so they count
+        # as another configuration.
         text = f"{sorted(set(self.ports))}|{self.queue}|{self.queues}|{self.mode.value}|{self.mark}|{self.bypass}" \
-               "|syn-queue|lo"
+               "|syn-queue|lo" + ("|rpf" if self.mode is Mode.GATEWAY else "")
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -191,7 +193,8 @@ def _explain(tool: str, stderr: str) -> str:
         return f"{name} was refused: installing firewall rules needs root (CAP_NET_ADMIN)"
     for needle, feature in (("NFQUEUE", "NFQUEUE (nfnetlink_queue, xt_NFQUEUE)"), ("CT", "the CT target (xt_CT)"),
                             ("queue", "nft queue (nft_queue, nfnetlink_queue)"), ("notrack", "conntrack (nf_conntrack)"),
-                            ("addrtype", "the addrtype match (xt_addrtype)"), ("fib", "nft fib (nft_fib)")):
+                            ("addrtype", "the addrtype match (xt_addrtype)"), ("fib", "nft fib (nft_fib)"),
+                            ("rpfilter", "the rpfilter match (ipt_rpfilter, ip6t_rpfilter)")):
         if needle in text and ("load" in text or "No such file" in text or "not supported" in text
                                or "No chain/target/match" in text):
             hint = ("use --backend iptables (its NFQUEUE target needs no nft_queue), or load the module"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -238,3 +239,60 @@ def test_fail_open_syn_flood_beyond_capacity_is_shed_not_passed() -> None:
         assert shedding["shed"] > 0.05 * shedding["syns"] and reference["shed"] == 0, summary
         assert shedding["crossed_share"] < 0.25 * reference["crossed_share"], summary
         assert shedding["attempts"] >= 150 and shedding["failed"] <= 0.02 * shedding["attempts"], summary
+
+HOLD_OPEN = (
+    "import json,socket,sys\n"
+    "s=socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=30)\n"
+    "s.sendall(b'first')\n"
+    "print(json.dumps({'port':s.getsockname()[1]}),flush=True)\n"
+    "sys.stdin.readline()\n"
+    "s.sendall(b'-second');s.shutdown(socket.SHUT_WR)\n"
+    "r=b''\n"
+    "while True:\n"
+    "  p=s.recv(65536)\n"
+    "  if not p: break\n"
+    "  r+=p\n"
+    "print(bytes.fromhex(json.loads(r)['data']).decode(),flush=True)\n"
+)
+
+# Sent to the router's MAC address: the clients share a subnet, so routing by address would
+# deliver the packet straight to the client, past the router.
+SPOOF_SERVER = (
+    "import sys\n"
+    "from scapy.all import IP,TCP,Ether,getmacbyip,sendp\n"
+    "server,client,router,sport,cport=sys.argv[1],sys.argv[2],sys.argv[3],int(sys.argv[4]),int(sys.argv[5])\n"
+    "mac=getmacbyip(router)\n"
+    "assert mac,'no MAC address for the router'\n"
+    "for flags in ('R','RA','FA','A'):\n"
+    "  sendp(Ether(dst=mac)/IP(src=server,dst=client)/TCP(sport=sport,dport=cport,flags=flags,seq=1,ack=1),\n"
+    "        iface='eth0',verbose=False)\n"
+)
+
+
+def test_gateway_packets_spoofed_as_the_server_from_outside_are_dropped() -> None:
+    """In gateway mode the proxy takes packets from a protected port as the server's. An outside host
+    that sends them with the server's address (here RST, FIN and ACK toward a client's open
+    connection) must not reach the proxy: the rules drop packets from a protected port that arrive
+    where the route to their source does not lead (rpfilter). Before, its RST ended the proxy's state
+    for the connection within the 10 s linger, and the client's data after that was never answered."""
+    with proxied("gateway", clients=2) as p:
+        server = p.server_addr(4)
+        victim = p.lab.popen("client", [PYTHON, "-c", HOLD_OPEN, server, "9000"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert victim.stdout is not None and victim.stdin is not None
+            cport = json.loads(victim.stdout.readline())["port"]
+            before = p.metrics()
+            p.lab.run("client2", [PYTHON, "-c", SPOOF_SERVER, server, p.lab.addr("client", 4), "198.18.0.1", "9000",
+                                  str(cport)])
+            time.sleep(11)  # past the closing linger
+            after = p.metrics()
+            rst = 'synproxy_connections_closed_total{reason="rst"}'
+            assert after[rst] == before[rst] and after['synproxy_connections{state="established"}'] == 1
+            victim.stdin.write("go\n")
+            victim.stdin.flush()
+            out, _ = victim.communicate(timeout=30)
+            assert out.strip() == "first-second", out
+        finally:
+            victim.kill()
+            victim.wait(5)
