@@ -231,7 +231,8 @@ class Shell:
     # finds any SYN behind it, keeping the queue far from full. Under hping3's full speed on
     # this VM, with 512: 2-54% of the SYNs crossed over seven runs; with 64: 1-5%; with this:
     # 0.1-2.1% over six runs, no legitimate connection failing (0-2 of ~213; with no shedding,
-    # 66-73% crossed and 83-134 of ~220 failed).
+    # 66-73% crossed and 83-134 of ~220 failed), but 54% in a seventh: in local mode the server's
+    # stack answering crossed SYNs takes CPU from the worker, which falls further behind.
     FAIL_OPEN_BACKLOG = 1
 
     @property
