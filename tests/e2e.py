@@ -197,6 +197,30 @@ def plain_addr(addr: str) -> str:
     return addr.removeprefix("::ffff:")
 
 
+# The end of a client script (which has imported json, socket and sys) holding a connection `s` to
+# the sink open after sending b'first': on a line on stdin it sends the rest, closes its side and
+# prints what the sink says arrived.
+FINISH_ON_CUE = (
+    "sys.stdin.readline()\n"
+    "s.sendall(b'-second');s.shutdown(socket.SHUT_WR)\n"
+    "r=b''\n"
+    "while True:\n"
+    "  p=s.recv(65536)\n"
+    "  if not p: break\n"
+    "  r+=p\n"
+    "print(bytes.fromhex(json.loads(r)['data']).decode(),flush=True)\n"
+)
+
+
+def finish_on_cue(proc: subprocess.Popen[str]) -> str:
+    """Cue a FINISH_ON_CUE script (started with text pipes) and return what it printed last."""
+    assert proc.stdin is not None
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    out, _ = proc.communicate(timeout=30)
+    return out.strip().splitlines()[-1] if out.strip() else ""
+
+
 def bound_queues(lab: Lab, host: str = "server") -> set[int]:
     """The NFQUEUE numbers bound in `host`'s namespace (read there: /proc/net is per namespace)."""
     return parse_bound_queues(lab.run(host, ["cat", PROC_PATH]).stdout)

@@ -14,7 +14,7 @@ import pytest
 
 from synproxy.peers import pattern_sha256
 
-from .e2e import PYTHON, Proxied, during, proxied
+from .e2e import FINISH_ON_CUE, PYTHON, Proxied, during, finish_on_cue, proxied
 
 pytestmark = pytest.mark.e2e
 
@@ -249,15 +249,7 @@ HOLD_OPEN = (
     "s=socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=30)\n"
     "s.sendall(b'first')\n"
     "print(json.dumps({'port':s.getsockname()[1]}),flush=True)\n"
-    "sys.stdin.readline()\n"
-    "s.sendall(b'-second');s.shutdown(socket.SHUT_WR)\n"
-    "r=b''\n"
-    "while True:\n"
-    "  p=s.recv(65536)\n"
-    "  if not p: break\n"
-    "  r+=p\n"
-    "print(bytes.fromhex(json.loads(r)['data']).decode(),flush=True)\n"
-)
+) + FINISH_ON_CUE
 
 # Sent to the router's MAC address: the clients share a subnet, so routing by address would
 # deliver the packet straight to the client, past the router.
@@ -293,10 +285,7 @@ def test_gateway_packets_spoofed_as_the_server_from_outside_are_dropped() -> Non
             after = p.metrics()
             rst = 'synproxy_connections_closed_total{reason="rst"}'
             assert after[rst] == before[rst] and after['synproxy_connections{state="established"}'] == 1
-            victim.stdin.write("go\n")
-            victim.stdin.flush()
-            out, _ = victim.communicate(timeout=30)
-            assert out.strip() == "first-second", out
+            assert finish_on_cue(victim) == "first-second"
         finally:
             victim.kill()
             victim.wait(5)

@@ -15,7 +15,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from .e2e import PYTHON, SINK_PORT, Proxied, eventually, listening, proxied, wait_listening
+from .e2e import (
+    FINISH_ON_CUE, PYTHON, SINK_PORT, Proxied, eventually, finish_on_cue, listening, proxied, wait_listening,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -319,15 +321,7 @@ SPOOFED_RESETS = (
     "for seq in (nxt+(1<<31),nxt+1000):  # outside the server's window; inside it, not exact\n"
     "  send(IP(dst=host)/TCP(sport=cport,dport=port,flags='R',seq=seq&0xffffffff),verbose=False)\n"
     "print(json.dumps({'next':nxt}),flush=True)\n"
-    "sys.stdin.readline()\n"
-    "s.sendall(b'-second');s.shutdown(socket.SHUT_WR)\n"
-    "r=b''\n"
-    "while True:\n"
-    "  p=s.recv(65536)\n"
-    "  if not p: break\n"
-    "  r+=p\n"
-    "print(bytes.fromhex(json.loads(r)['data']).decode(),flush=True)\n"
-)
+) + FINISH_ON_CUE
 
 
 def test_spoofed_client_resets_do_not_end_a_live_connection(px: Proxied) -> None:
@@ -349,10 +343,7 @@ def test_spoofed_client_resets_do_not_end_a_live_connection(px: Proxied) -> None
         assert counts == {"out_of_window": 1, "in_window": 1, "refuted": 1}, counts
         assert px.metrics()['synproxy_connections{state="established"}'] == 1
         time.sleep(11)  # past the 10 s closing linger the proxy gave RSTs before
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
-        out, _ = proc.communicate(timeout=30)
-        assert out.strip() == "first-second", out
+        assert finish_on_cue(proc) == "first-second"
     finally:
         proc.kill()
         proc.wait(5)
