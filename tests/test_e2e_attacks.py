@@ -255,37 +255,45 @@ HOLD_OPEN = (
 # deliver the packet straight to the client, past the router.
 SPOOF_SERVER = (
     "import sys\n"
-    "from scapy.all import IP,TCP,Ether,getmacbyip,sendp\n"
+    "from scapy.all import IP,IPv6,TCP,Ether,getmacbyip,getmacbyip6,sendp\n"
     "server,client,router,sport,cport=sys.argv[1],sys.argv[2],sys.argv[3],int(sys.argv[4]),int(sys.argv[5])\n"
-    "mac=getmacbyip(router)\n"
+    "v6=':' in server\n"
+    "mac=(getmacbyip6 if v6 else getmacbyip)(router)\n"
     "assert mac,'no MAC address for the router'\n"
+    "ip=(IPv6 if v6 else IP)(src=server,dst=client)\n"
     "for flags in ('R','RA','FA','A'):\n"
-    "  sendp(Ether(dst=mac)/IP(src=server,dst=client)/TCP(sport=sport,dport=cport,flags=flags,seq=1,ack=1),\n"
-    "        iface='eth0',verbose=False)\n"
+    "  sendp(Ether(dst=mac)/ip/TCP(sport=sport,dport=cport,flags=flags,seq=1,ack=1),iface='eth0',verbose=False)\n"
 )
+ROUTER = {4: "198.18.0.1", 6: "fd53:5059::1"}  # the router's address on the clients' link (synproxy.lab)
 
 
 def test_gateway_packets_spoofed_as_the_server_from_outside_are_dropped() -> None:
     """In gateway mode the proxy takes packets from a protected port as the server's. An outside host
     that sends them with the server's address (here RST, FIN and ACK toward a client's open
-    connection) must not reach the proxy: the rules drop packets from a protected port that arrive
-    where the route to their source does not lead (rpfilter). Before, its RST ended the proxy's state
-    for the connection within the 10 s linger, and the client's data after that was never answered."""
+    connection, IPv4 and IPv6) must not reach the proxy: the rules drop packets from a protected port
+    that arrive where the route to their source does not lead (rpfilter). Before, its RST ended the
+    proxy's state for the connection within the 10 s linger, and the client's data after that was
+    never answered."""
     with proxied("gateway", clients=2) as p:
-        server = p.server_addr(4)
-        victim = p.lab.popen("client", [PYTHON, "-c", HOLD_OPEN, server, "9000"],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        victims = {family: p.lab.popen("client", [PYTHON, "-c", HOLD_OPEN, p.server_addr(family), "9000"],
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                   for family in (4, 6)}
         try:
-            assert victim.stdout is not None and victim.stdin is not None
-            cport = json.loads(victim.stdout.readline())["port"]
+            ports = {}
+            for family, victim in victims.items():
+                assert victim.stdout is not None
+                ports[family] = json.loads(victim.stdout.readline())["port"]
             before = p.metrics()
-            p.lab.run("client2", [PYTHON, "-c", SPOOF_SERVER, server, p.lab.addr("client", 4), "198.18.0.1", "9000",
-                                  str(cport)])
+            for family, cport in ports.items():
+                p.lab.run("client2", [PYTHON, "-c", SPOOF_SERVER, p.server_addr(family), p.lab.addr("client", family),
+                                      ROUTER[family], "9000", str(cport)])
             time.sleep(11)  # past the closing linger
             after = p.metrics()
             rst = 'synproxy_connections_closed_total{reason="rst"}'
-            assert after[rst] == before[rst] and after['synproxy_connections{state="established"}'] == 1
-            assert finish_on_cue(victim) == "first-second"
+            assert after[rst] == before[rst] and after['synproxy_connections{state="established"}'] == 2
+            for victim in victims.values():
+                assert finish_on_cue(victim) == "first-second"
         finally:
-            victim.kill()
-            victim.wait(5)
+            for victim in victims.values():
+                victim.kill()
+                victim.wait(5)
