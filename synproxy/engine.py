@@ -312,8 +312,8 @@ class Conn:
 
     @property
     def server_window(self) -> int:
-        """The window field of the server's latest packet (in the server's scale)."""
-        return self.offsets >> 96
+        """The window of the server's latest packet, in bytes (its field, in the server's scale)."""
+        return self.offsets >> 96 << self.shape.server_send_shift
 
     @property
     def seq_offset(self) -> int:
@@ -876,7 +876,7 @@ class Engine:
         acknowledged (unless it is the FIN it acknowledged last). Dropped, like such a RST: a
         spoofed one would otherwise end the state at the server's own FIN."""
         fin_end = (pkt.seq + pkt.payload_len + 1 - conn.client_next) & U32
-        return fin_end > (conn.server_window << conn.shape.server_send_shift) + 1
+        return fin_end > conn.server_window + 1
 
     def _client_rst(self, pkt: Packet, key: ConnKey, conn: Conn, now: float) -> Drop | None:
         """Judge a client's RST on an established connection as the server will (RFC 5961):
@@ -889,9 +889,9 @@ class Engine:
         if offset == 0:
             self.stats.client_resets["exact"] += 1
             if isinstance(conn, ResetConn):  # e.g. the client's answer to a challenge ACK
-                self.conns[key] = Conn(conn.shape, conn.seen, conn.offsets)
+                self._reinstate(key, conn)
             return None
-        if offset > conn.server_window << conn.shape.server_send_shift:
+        if offset > conn.server_window:
             self.stats.client_resets["out_of_window"] += 1
             return _RST_OUT_OF_WINDOW
         self.stats.client_resets["in_window"] += 1
@@ -975,13 +975,17 @@ class Engine:
         if pkt.flags & RST or not conn.probes:
             if pkt.flags & RST:
                 self.stats.client_resets["confirmed"] += 1
-                self.conns[key] = Conn(conn.shape, conn.seen, conn.offsets)  # closed by _track_close
+                self._reinstate(key, conn)  # closed by _track_close
             return None
         self.stats.client_resets["refuted"] += 1
-        self.conns[key] = Conn(conn.shape, conn.seen, conn.offsets)
+        self._reinstate(key, conn)
         if not pkt.payload_len and not pkt.flags & (FIN | SYN):
             return _PROBE_ANSWERED
         return None
+
+    def _reinstate(self, key: ConnKey, conn: ResetConn) -> None:
+        """Make a ResetConn a plain established connection again (its timer entry goes stale)."""
+        self.conns[key] = Conn(conn.shape, conn.seen, conn.offsets)
 
     def _server_synack(
         self, pkt: Packet, key: ConnKey, pending: PendingConn, hs: Handshake, now: float

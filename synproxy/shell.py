@@ -77,8 +77,18 @@ class OverloadGate:
 
     EXIT = 1.0  # seconds without being behind before shedding needs the kernel to drop again
 
-    def __init__(self, backlog: int) -> None:
-        self.backlog = backlog
+    # With --queue-bypass an overflow is not dropped but passed to the server unprotected (and
+    # the legitimate SYNs in it fail), so once behind the worker sheds every full batch that
+    # finds any SYN behind it, keeping the queue far from full. Under hping3's full speed on
+    # this VM, with 512: 2-54% of the SYNs crossed over seven runs; with 64: 1-5%; with this:
+    # 0.1-2.1% over six runs, no legitimate connection failing (0-2 of ~213; with no shedding,
+    # 66-73% crossed and 83-134 of ~220 failed), but 54% in a seventh: in local mode the server's
+    # stack answering crossed SYNs takes CPU from the worker, which falls further behind.
+    FAIL_OPEN_BACKLOG = 1
+
+    def __init__(self, backlog: int, fail_open: bool = False) -> None:
+        """`backlog` 0 never sheds; with `fail_open` (--queue-bypass) any other is FAIL_OPEN_BACKLOG."""
+        self.backlog = min(backlog, self.FAIL_OPEN_BACKLOG) if fail_open else backlog
         self._shedding_until = float("-inf")
         self._dropped: int | None = None  # the queue's drop counter at the last look
         self._looked = float("-inf")
@@ -226,21 +236,6 @@ class Shell:
     # remembers them (Engine.overloaded) instead of the kernel dropping SYNs at random,
     # retransmissions included.
     OVERLOAD_BACKLOG = 512
-    # With --queue-bypass an overflow is not dropped but passed to the server unprotected (and
-    # the legitimate SYNs in it fail), so once behind the worker sheds every full batch that
-    # finds any SYN behind it, keeping the queue far from full. Under hping3's full speed on
-    # this VM, with 512: 2-54% of the SYNs crossed over seven runs; with 64: 1-5%; with this:
-    # 0.1-2.1% over six runs, no legitimate connection failing (0-2 of ~213; with no shedding,
-    # 66-73% crossed and 83-134 of ~220 failed), but 54% in a seventh: in local mode the server's
-    # stack answering crossed SYNs takes CPU from the worker, which falls further behind.
-    FAIL_OPEN_BACKLOG = 1
-
-    @property
-    def gate_backlog(self) -> int:
-        """The SYNs waiting behind a full batch at which a worker that is behind sheds it."""
-        if self.overload_backlog and self.fail_open:
-            return min(self.overload_backlog, self.FAIL_OPEN_BACKLOG)
-        return self.overload_backlog
 
     def __init__(
         self,
@@ -357,7 +352,7 @@ class Shell:
         rounds = [self.TRAFFIC_BATCHES] + [1] * (len(queues) - 1)
         syn_queue = len(queues) - 1  # the SYN queue, or the only queue
         syn_maxlen = self.SYN_QUEUE_MAXLEN if len(queues) > 1 else self._queue_maxlen
-        gate = OverloadGate(self.gate_backlog)
+        gate = OverloadGate(self.overload_backlog, self.fail_open)
         ready = [True] * len(queues)
         drops_due: float | None = None  # when held drop verdicts must leave
         engine = self.engine

@@ -305,6 +305,4 @@ def test_shell_releases_sends_and_accepts_in_the_order_the_engine_made_them(queu
 def test_fail_open_sheds_behind_any_full_batch(backlog: int, fail_open: bool, want: int) -> None:
     """With --queue-bypass an overflow crosses to the server unprotected: once behind, a worker
     sheds every full batch with a SYN behind it. 0 (shedding off) stays off."""
-    shell = Shell.__new__(Shell)
-    shell.overload_backlog, shell.fail_open = backlog, fail_open
-    assert shell.gate_backlog == want
+    assert OverloadGate(backlog, fail_open).backlog == want
