@@ -99,6 +99,10 @@ _BAD_SOURCE = Drop("bad_source")
 _RST_OUT_OF_WINDOW = Drop("rst_out_of_window")
 _PROBE_ANSWERED = Drop("probe_answered")
 _FIN_OUT_OF_WINDOW = Drop("fin_out_of_window")
+# SYN with FIN or RST: no TCP stack sends it; scanners and firewall evasion do. Linux drops it
+# in LISTEN (SYN+FIN since 3.5, RST first), and answering it would have the proxy open a
+# backend connection for a packet the server itself would have ignored.
+_SYN_WITH_FIN_OR_RST = Drop("bad_flags")
 _LOW64 = (1 << 64) - 1
 _V4_BROADCAST = b"\xff\xff\xff\xff"
 _V6_MAPPED = bytes(10) + b"\xff\xff"
@@ -488,12 +492,12 @@ class Engine:
             key = conn_key(family, src, dst, sport, dport)
             conn = self.conns.get(key)
             if conn is None:
-                kind = flags & (SYN | ACK | RST)
+                kind = flags & _SYN_KIND
                 if kind == SYN:
                     opts = P.scan_options(data, opt_start, opt_end) if opt_end == len(data) else None
                     if opts is not None:
                         return self._synack_for(family, src, dst, sport, dport, seq, opts, now)
-                elif kind == ACK and P.scan_options(data, opt_start, opt_end) is not None:
+                elif (kind == ACK or kind == ACK | FIN) and P.scan_options(data, opt_start, opt_end) is not None:
                     client_isn = (seq - 1) & U32
                     match = self.cookies.check(family, src, dst, sport, dport, client_isn, (ack - 1) & U32, now)
                     if match is None:
@@ -575,6 +579,9 @@ class Engine:
 
     def _client_packet(self, pkt: Packet, key: ConnKey, conn: Conn | None, now: float) -> list[Action]:
         """A client's packet and the state of its tuple, if any."""
+        if pkt.flags & SYN and pkt.flags & (FIN | RST):
+            self.stats.dropped["bad_flags"] += 1
+            return [_SYN_WITH_FIN_OR_RST]
         if conn is None:
             return self._from_client_stateless(pkt, key, None, now)
         if isinstance(conn, ClosingConn | ResetConn) and pkt.flags & (SYN | ACK | RST) in (SYN, ACK):

@@ -56,6 +56,26 @@ def test_ack_flood_with_bogus_cookies(px: Proxied) -> None:
     px.assert_only_validated_crossed(m0, syns0)
 
 
+def test_syn_fin_and_syn_rst_get_no_synack_and_cross_nothing(px: Proxied) -> None:
+    """SYN+FIN and SYN+RST (scanners' packets, which Linux drops in LISTEN) from a real source: no
+    SYN-ACK comes back to it, each is counted as bad_flags, and none reaches the server."""
+    m0, syns0 = px.metrics(), px.server_syns()
+    replies = {}
+    for extra in ("-F", "-R"):
+        res = px.lab.run("client3", ["timeout", "20", "hping3", "-S", extra, "-p", "8080", "-i", "u2000", "-c", "200",
+                                     px.server_addr(4)], check=False)
+        summary = [line for line in (res.stdout + res.stderr).splitlines() if "packets received" in line]
+        assert summary, res.stdout + res.stderr
+        replies[extra] = summary[0]
+    assert all("200 packets transmitted, 0 packets received" in line for line in replies.values()), replies
+    m1 = px.metrics()
+    key = 'synproxy_packets_dropped_total{reason="bad_flags"}'
+    assert m1[key] - m0.get(key, 0) == 400
+    assert m1["synproxy_synack_sent_total"] == m0["synproxy_synack_sent_total"]
+    legit_ok(px)
+    px.assert_only_validated_crossed(m0, syns0)
+
+
 def test_syn_and_ack_floods_together(px: Proxied) -> None:
     """Spoofed SYNs and bogus-cookie ACKs at once, from two hosts (~10,000 a second each, within one
     worker's capacity; at both generators' full speed see README "Limits"): the SYNs are answered

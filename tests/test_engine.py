@@ -124,6 +124,26 @@ def test_syn_gets_cookie_synack_and_no_state(family: int) -> None:
     assert again.seq == synack.seq  # a retransmitted SYN gets the same cookie
 
 
+@pytest.mark.parametrize("flags", [SYN | FIN, SYN | RST, SYN | FIN | PSH, SYN | FIN | RST | PSH | ACK])
+@pytest.mark.parametrize("state", ["none", "pending", "established"])
+@pytest.mark.parametrize("fast_paths", [True, False])
+def test_syn_with_fin_or_rst_is_dropped_in_every_state(flags: int, state: str, fast_paths: bool) -> None:
+    """No TCP stack sends SYN with FIN or RST (scanners do, to slip past filters): Linux drops
+    such a packet in LISTEN, so it gets no SYN-ACK here, crosses nothing and changes nothing."""
+    eng, f = make_engine(), Flow()
+    eng.fast_paths = fast_paths
+    if state == "pending":
+        synack = one(eng.handle(f.syn(), C2S, T0), "synack")
+        one(eng.handle(f.c(f.client_isn + 1, synack.seq + 1, ACK), C2S, T0), "syn")
+    elif state == "established":
+        handshake(eng, f)
+    before = (eng.pending, eng.established)
+    syn = f.c(f.client_isn, 0, flags, 64240, opts=TcpOptions(mss=1460, wscale=7, sack_ok=True))
+    assert eng.handle_raw(syn.raw, T0 + 1) == [Drop("bad_flags")]
+    assert (eng.pending, eng.established) == before and eng.stats.dropped["bad_flags"] == 1
+    assert eng.stats.synack_sent == (0 if state == "none" else 1)
+
+
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 100, U32])
 def test_ack_off_by_k_never_validates(k: int) -> None:
     eng, f = make_engine(), Flow()
