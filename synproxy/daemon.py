@@ -197,7 +197,8 @@ def serve_queue(
         log.warning("--queue-bypass: NetfilterQueue cannot set fail-open on a full queue; "
                     "only an unbound queue is bypassed")
     shell = Shell(engine, queue, opts.mark, on_tick=on_tick, binding=Binding(opts.queue_binding),
-                  fail_open=opts.queue_bypass, syn_queue_num=syn_queue, overload_backlog=opts.overload_backlog)
+                  fail_open=opts.queue_bypass, syn_queue_num=syn_queue, overload_backlog=opts.overload_backlog,
+                  pass_on_queue=queue + 1 if index + 1 < opts.workers else None)
     addr = _metrics_addr(opts, index)
     if addr:
         registry = CollectorRegistry()

@@ -87,10 +87,18 @@ class Send:
     kind: str  # synack, syn, ack, window_update, rst, data
 
 
-Action = Accept | Drop | Send
+@dataclass(frozen=True, slots=True)
+class PassOn:
+    """Not this engine's packet: an ICMP error about a connection it does not hold. With
+    several workers another may hold it, so the shell hands it to the next worker's queue;
+    the last lets it pass unchanged."""
+
+
+Action = Accept | Drop | Send | PassOn
 
 # The verdicts of the flood paths, made once.
 _SYN_ANSWERED = Drop("syn_answered")
+_PASS_ON = PassOn()
 _COOKIE_INVALID = Drop("cookie_invalid")
 _SHED_DROPS = {shed: Drop(f"shed_{shed.value}") for shed in Shed}
 _SHED_OVERLOAD = _SHED_DROPS[Shed.OVERLOAD]
@@ -380,6 +388,7 @@ class Stats:
     evicted: Counter[str] = field(default_factory=Counter)  # bounded tables
     retries_answered: int = 0  # SYNs let through under overload because they repeated a shed one
     client_resets: Counter[str] = field(default_factory=Counter)  # what became of clients' RSTs
+    icmp_too_big: Counter[str] = field(default_factory=Counter)  # translated/not_held/not_proxied
 
 
 # ---------------------------------------------------------------- the engine
@@ -460,6 +469,10 @@ class Engine:
                 out = self._handle_peeked(data, head, now)
                 if out is not None:
                     return out
+        if head is None:
+            too_big = P.parse_too_big(data)
+            if too_big is not None:
+                return self._too_big(data, too_big)
         try:
             pkt = P.parse(data)
         except PacketError as err:
@@ -517,6 +530,22 @@ class Engine:
             key = conn_key(family, dst, src, dport, sport)
             return self._server_packet(pkt, key, self.conns.get(key), now)
         return None
+
+    def _too_big(self, data: bytes, tb: P.TooBig) -> list[Action]:
+        """An ICMP "fragmentation needed" / "packet too big" about a server's segment: it quotes
+        the sequence number the client saw, which the server's TCP takes for one it never sent
+        and ignores (so the path MTU toward the client is never learnt and large segments are
+        lost for good). It passes with the server's own number put back."""
+        stats = self.stats.icmp_too_big
+        if tb.sport not in self.config.ports:
+            stats["not_proxied"] += 1
+            return [Accept()]
+        conn = self.conns.get(conn_key(tb.family, tb.dst, tb.src, tb.dport, tb.sport))
+        if conn is None or type(conn) is PendingConn:
+            stats["not_held"] += 1
+            return [_PASS_ON]
+        stats["translated"] += 1
+        return [Accept(P.rewrite_too_big(data, tb, tb.seq - conn.offsets))]
 
     def _malformed(self, err: PacketError) -> list[Action]:
         self.stats.malformed[err.reason] += 1

@@ -39,6 +39,7 @@ KNOWN_LABELS: dict[str, tuple[str, ...]] = {
     "synproxy_connections_closed": ("fin", "rst", "idle"),
     "synproxy_evictions": ("profiles", "advertised_wscale", "synack_plans", "shapes"),
     "synproxy_client_resets": ("exact", "in_window", "out_of_window", "refuted", "confirmed", "unanswered"),
+    "synproxy_icmp_too_big": ("translated", "not_held", "not_proxied"),
 }
 
 
@@ -101,6 +102,10 @@ class SynproxyCollector(Collector):
         yield _counter("synproxy_syn_retries_answered", "SYNs let through while the proxy was behind because they "
                        "repeated a SYN it had shed (retransmissions; caps and rate limits still apply)",
                        st.retries_answered)
+        yield _labelled("synproxy_icmp_too_big", "ICMP fragmentation-needed / packet-too-big messages to servers, "
+                        "by outcome (translated: the quoted sequence number put back; not_held: no established "
+                        "connection here, handed to the next worker or passed; not_proxied)", "outcome",
+                        st.icmp_too_big)
         yield _labelled("synproxy_packets_dropped", "Queued packets the proxy dropped, by reason", "reason", st.dropped)
         yield _labelled("synproxy_malformed_packets", "Queued packets that did not parse", "reason", st.malformed)
         yield _counter("synproxy_packets_translated", "Packets of established connections rewritten", st.translated)

@@ -45,6 +45,8 @@ NFQNL_COPY_PACKET = 2
 NFQA_CFG_F_FAIL_OPEN = 1
 NF_DROP = 0
 NF_ACCEPT = 1
+NF_QUEUE = 3  # with the queue number in the upper 16 bits
+NF_VERDICT_FLAG_QUEUE_BYPASS = 0x8000  # an unbound queue lets the packet pass instead of dropping it
 MSG_DONTWAIT = 0x40
 SO_SNDBUFFORCE = 32  # not in Python's socket module
 SO_RCVBUFFORCE = 33
@@ -259,6 +261,12 @@ class NfQueue:
             self._drops.append(packet_id)
             return
         self._pending.append(_verdict_message(self._res_id, _VERDICT_TYPE, _NF_ACCEPT_BE, packet_id, payload))
+
+    def pass_to(self, packet_id: int, queue_num: int) -> None:
+        """Queue a verdict that hands the packet to queue `queue_num` (another worker's), with the
+        kernel's fail-open flag if this queue has it; `flush()` sends it."""
+        verdict = NF_QUEUE | queue_num << 16 | (NF_VERDICT_FLAG_QUEUE_BYPASS if self.config.fail_open else 0)
+        self._pending.append(_verdict_message(self._res_id, _VERDICT_TYPE, socket.htonl(verdict), packet_id))
 
     DROPS_MAY_WAIT = 64  # plain drops held back for one write (flush(drops_may_wait=True))
 

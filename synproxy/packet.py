@@ -620,3 +620,78 @@ def build_synack(
         ip_sum = (_V4_HEADER_SUM + thl + addr) % 0xFFFF
         return _pack_v4_header(0x45, 20 + thl, 0x4000, 64, PROTO_TCP, ~ip_sum & 0xFFFF, src, dst) + tcp
     return _pack_v6_header(6 << 28, thl, PROTO_TCP, 64, src, dst) + tcp
+
+
+# ---------------------------------------------------------------- ICMP errors about a TCP segment
+
+PROTO_ICMP = 1
+PROTO_ICMPV6 = 58
+ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED = 3, 4
+ICMPV6_PACKET_TOO_BIG = 2
+
+
+@dataclass(frozen=True, slots=True)
+class TooBig:
+    """An ICMP "fragmentation needed" or ICMPv6 "packet too big" about a TCP segment it quotes.
+
+    Routers send it to the segment's source (here the server) so it sends smaller segments;
+    the server's TCP takes it only if the quoted sequence number is one it sent. The addresses
+    and ports are the quoted segment's; `seq_at` is where its sequence number sits in the packet.
+    """
+
+    family: int
+    src: bytes  # the quoted segment's source (the server)
+    dst: bytes  # and destination (the client)
+    sport: int
+    dport: int
+    seq: int
+    seq_at: int
+    icmp_at: int  # where the ICMP message starts (its checksum is at icmp_at + 2)
+
+
+def parse_too_big(data: bytes) -> TooBig | None:
+    """The TooBig in an IPv4 or IPv6 packet (without options or extension headers around the
+    ICMP message or inside the quote, unfragmented), or None for anything else."""
+    n = len(data)
+    if n >= 20 and data[0] == 0x45:  # outer IPv4 without options
+        _vihl, _tos, total, _ident, frag, _ttl, proto, _csum, _src, _dst = _unpack_ipv4(data, 0)
+        if proto != PROTO_ICMP or frag & 0x3FFF or total != n or n < 20 + 8 + 20 + 8:
+            return None
+        if data[20] != ICMP_DEST_UNREACH or data[21] != ICMP_FRAG_NEEDED:
+            return None
+        inner = 28
+        vihl, _tos, _total, _ident, frag, _ttl, proto, _csum, src, dst = _unpack_ipv4(data, inner)
+        ihl = (vihl & 0x0F) * 4
+        if vihl >> 4 != 4 or ihl < 20 or proto != PROTO_TCP or frag & 0x1FFF or n < inner + ihl + 8:
+            return None
+        sport, dport, seq = struct.unpack_from("!HHI", data, inner + ihl)
+        return TooBig(4, src, dst, sport, dport, seq, inner + ihl + 4, 20)
+    if n >= 40 and data[0] >> 4 == 6:
+        _vtcfl, plen, nxt, _hop, _src, _dst = _unpack_ipv6(data, 0)
+        if nxt != PROTO_ICMPV6 or plen + 40 != n or n < 40 + 8 + 40 + 8:
+            return None
+        if data[40] != ICMPV6_PACKET_TOO_BIG or data[41] != 0:
+            return None
+        inner = 48
+        vtcfl, _plen, nxt, _hop, src, dst = _unpack_ipv6(data, inner)
+        if vtcfl >> 28 != 6 or nxt != PROTO_TCP:
+            return None
+        sport, dport, seq = struct.unpack_from("!HHI", data, inner + 40)
+        return TooBig(6, src, dst, sport, dport, seq, inner + 44, 40)
+    return None
+
+
+def rewrite_too_big(data: bytes, tb: TooBig, seq: int) -> bytes:
+    """The same packet quoting sequence number `seq` instead, with its ICMP checksum made anew
+    (the quote's own TCP checksum is left: a quote is usually cut short, so no one checks it)."""
+    out = bytearray(data)
+    struct.pack_into("!I", out, tb.seq_at, seq & _U32)
+    at = tb.icmp_at
+    out[at + 2:at + 4] = b"\0\0"
+    message = out[at:]
+    if tb.family == 4:
+        total = _ones_sum(message)
+    else:  # ICMPv6's checksum covers a pseudo-header like TCP's
+        total = _ones_sum(out[8:40] + struct.pack("!IxxxB", len(message), PROTO_ICMPV6)) + _ones_sum(message)
+    struct.pack_into("!H", out, at + 2, ~(total % 0xFFFF) & 0xFFFF)
+    return bytes(out)

@@ -82,10 +82,11 @@ class RuleConfig:
         """Short id of this configuration, stored with the installed rules."""
         # The layout: "syn-queue", separate SYN queues; "lo", the host's own connections pass (local
         # mode); "rpf", packets from a protected port that arrive where the route to their source
-        # does not lead are dropped (gateway mode). Rules of earlier layouts differ, so they count
+        # does not lead are dropped (gateway mode); "too-big", ICMP fragmentation-needed / packet-too-big
+        # about protected connections go to the first worker. Rules of earlier layouts differ, so they count
         # as another configuration.
         text = f"{sorted(set(self.ports))}|{self.queue}|{self.queues}|{self.mode.value}|{self.mark}|{self.bypass}" \
-               "|syn-queue|lo" + ("|rpf" if self.mode is Mode.GATEWAY else "")
+               "|syn-queue|lo|too-big" + ("|rpf" if self.mode is Mode.GATEWAY else "")
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -109,6 +110,7 @@ def template_text(name: str) -> str:
     raise RulesError(f"rule template {name} is missing: reinstall synproxy")
 
 
+TOO_BIG_RATE = 1000  # ICMP "too big" messages a second queued at most (routers send few; a flood of them is cut)
 MULTIPORT_MAX = 15  # the iptables multiport match takes at most 15 ports
 
 
@@ -128,8 +130,17 @@ def _iptables_vars(cfg: RuleConfig) -> dict[str, str]:
         spec = f"--queue-num {first}" if cfg.queues == 1 else f"--queue-balance {first}:{first + cfg.queues - 1}"
         return spec + " --queue-bypass" if cfg.bypass else spec
 
+    # The quoted segment's source port, by u32: IPv4 past both headers' lengths (ICMP header 8
+    # bytes), with the quoted protocol TCP; IPv6 without extension headers (outer 40 + 8, quote 40).
+    port_values = ",".join(map(str, ports))
+    u32_v4 = f"0>>22&0x3C@16>>16&0xFF=6&&0>>22&0x3C@8>>22&0x3C@8>>16={port_values}"
+    u32_v6 = f"52>>8&0xFF=6&&88>>16={port_values}"
     return {"dports": dports, "sports": sports, "queue": target(cfg.queue), "syn_queue": target(cfg.syn_queue),
-            "mark": f"{cfg.mark:#x}"}
+            "mark": f"{cfg.mark:#x}",
+            "too_big_v4": f'-p icmp --icmp-type fragmentation-needed -m u32 --u32 "{u32_v4}"',
+            "too_big_v6": f'-p ipv6-icmp --icmpv6-type packet-too-big -m u32 --u32 "{u32_v6}"',
+            "icmp_limit": f"-m limit --limit {TOO_BIG_RATE}/second --limit-burst {TOO_BIG_RATE}",
+            "icmp_queue": f"--queue-num {cfg.queue}" + (" --queue-bypass" if cfg.bypass else "")}
 
 
 def _nft_vars(cfg: RuleConfig) -> dict[str, str]:
@@ -139,8 +150,15 @@ def _nft_vars(cfg: RuleConfig) -> dict[str, str]:
         spec = f"num {first}" if cfg.queues == 1 else f"num {first}-{first + cfg.queues - 1}"
         return spec + " bypass" if cfg.bypass else spec
 
+    # The quoted segment: IPv4 without options (0x45), TCP, its source port; IPv6: TCP right after
+    # the quoted header, its source port. @th is the ICMP header (8 bytes), offsets in bits.
     return {"ports": port_set, "queue": target(cfg.queue), "syn_queue": target(cfg.syn_queue),
-            "mark": f"{cfg.mark:#x}"}
+            "mark": f"{cfg.mark:#x}",
+            "too_big_v4": f"icmp type destination-unreachable icmp code frag-needed @th,64,8 0x45 @th,136,8 6 "
+                          f"@th,224,16 {port_set}",
+            "too_big_v6": f"icmpv6 type packet-too-big @th,112,8 6 @th,384,16 {port_set}",
+            "icmp_limit": f"limit rate {TOO_BIG_RATE}/second burst {TOO_BIG_RATE} packets",
+            "icmp_queue": f"num {cfg.queue}" + (" bypass" if cfg.bypass else "")}
 
 
 def render(cfg: RuleConfig, backend: Backend, owner: Owner = Owner.OPERATOR) -> str:
@@ -194,7 +212,8 @@ def _explain(tool: str, stderr: str) -> str:
     for needle, feature in (("NFQUEUE", "NFQUEUE (nfnetlink_queue, xt_NFQUEUE)"), ("CT", "the CT target (xt_CT)"),
                             ("queue", "nft queue (nft_queue, nfnetlink_queue)"), ("notrack", "conntrack (nf_conntrack)"),
                             ("addrtype", "the addrtype match (xt_addrtype)"), ("fib", "nft fib (nft_fib)"),
-                            ("rpfilter", "the rpfilter match (ipt_rpfilter, ip6t_rpfilter)")):
+                            ("rpfilter", "the rpfilter match (ipt_rpfilter, ip6t_rpfilter)"),
+                            ("u32", "the u32 match (xt_u32)"), ("limit", "the limit match (xt_limit, nft_limit)")):
         if needle in text and ("load" in text or "No such file" in text or "not supported" in text
                                or "No chain/target/match" in text):
             hint = ("use --backend iptables (its NFQUEUE target needs no nft_queue), or load the module"

@@ -21,7 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-from .engine import Drop, Engine, Send
+from .engine import Drop, Engine, PassOn, Send
 from .nfqueue import MAX_COPY_RANGE, NfQueue, QueueConfig, QueueDepth
 from .rawsend import RawSender, SenderError
 
@@ -129,6 +129,7 @@ class QueueReader(Protocol):
     def fileno(self) -> int: ...
     def receive(self, limit: int = 0) -> list[tuple[Any, bytes]]: ...
     def verdict(self, handle: Any, accept: bool, payload: bytes | None = None) -> None: ...
+    def pass_to(self, handle: Any, queue_num: int) -> None: ...
     def flush(self, drops_may_wait: bool = False) -> None: ...
     @property
     def unanswered(self) -> int: ...
@@ -178,6 +179,9 @@ class NetfilterQueueReader:
         if payload is not None:
             handle.set_payload(payload)
         handle.accept()
+
+    def pass_to(self, handle: Any, queue_num: int) -> None:
+        self.verdict(handle, True)  # NetfilterQueue gives no verdict to another queue: it passes unchanged
 
     def flush(self, drops_may_wait: bool = False) -> None:
         pass  # every verdict left when it was given
@@ -249,10 +253,14 @@ class Shell:
         fail_open: bool = False,
         syn_queue_num: int | None = None,
         overload_backlog: int = OVERLOAD_BACKLOG,
+        pass_on_queue: int | None = None,
     ) -> None:
         self.engine = engine
         self.queue_num = queue_num
         self.syn_queue_num = syn_queue_num  # new SYNs, served after the traffic queue each round
+        # The next worker's traffic queue: the rules send ICMP errors about protected connections
+        # to the first worker's, and each hands on those about connections it does not hold.
+        self.pass_on_queue = pass_on_queue
         self.clock = clock
         self.on_tick = on_tick  # once a second or so: key reloads, gauges
         self.stats = ShellStats()
@@ -308,7 +316,13 @@ class Shell:
             else:
                 if sender.pending:
                     sender.flush()  # a binding may hand the verdict over at once
-                queue.verdict(handle, True, verdict.payload)  # type: ignore[union-attr]
+                if type(verdict) is PassOn:  # another worker may hold its connection
+                    if self.pass_on_queue is None:
+                        queue.verdict(handle, True)
+                    else:
+                        queue.pass_to(handle, self.pass_on_queue)
+                else:
+                    queue.verdict(handle, True, verdict.payload)  # type: ignore[union-attr]
                 accepts_pending = True
         sender.flush()
         queue.flush(drops_may_wait=True)  # drops may wait for more (at most DROP_DELAY, see _serve)

@@ -15,6 +15,7 @@ from synproxy.engine import (
     Drop,
     Engine,
     EngineConfig,
+    PassOn,
     Send,
     State,
     conn_key,
@@ -683,3 +684,56 @@ def test_conn_key_is_one_bytes_object_that_splits_back(family: int) -> None:
     key = conn_key(family, f.client, f.server, f.cport, 80)
     assert list(eng.conns) == [key] and len(key) == (12 if family == 4 else 36)
     assert split_key(key) == (family, f.client, f.cport, f.server, 80)
+
+
+# ------------------------------------------------------------------ ICMP "too big" about a server's segment
+
+
+def _too_big(f: Flow, quoted: bytes) -> bytes:
+    """What a router on the client's side sends the server about `quoted` (a translated segment)."""
+    from scapy.layers.inet import ICMP, IP
+    from scapy.layers.inet6 import IPv6, ICMPv6PacketTooBig
+
+    router = "198.18.9.1" if f.family == 4 else "fd53:5059::9:1"
+    server = P.addr_text(f.family, f.server)
+    if f.family == 4:
+        return bytes(IP(src=router, dst=server) / ICMP(type=3, code=4, nexthopmtu=1280) / quoted[:548])
+    return bytes(IPv6(src=router, dst=server) / ICMPv6PacketTooBig(mtu=1280) / quoted[:1184])
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_icmp_too_big_gets_the_servers_sequence_number_back(family: int) -> None:
+    """The quote carries the client's view of the server's sequence number, which the server's
+    TCP would ignore; the proxy puts the server's own back and makes the ICMP checksum anew."""
+    from scapy.layers.inet import ICMP, IP
+    from scapy.layers.inet6 import IPv6
+
+    eng, f = make_engine(), Flow(family=family)
+    synack, _, _ = handshake(eng, f)
+    server_seq = f.server_isn + 1
+    seen = accepted(eng.handle(f.s(server_seq, f.client_isn + 1, ACK, payload=b"x" * 1400), S2C, T0 + 1))
+    assert seen.seq == synack.seq + 1 != server_seq
+    out = eng.handle_raw(_too_big(f, seen.raw), T0 + 1.1)
+    assert len(out) == 1 and isinstance(out[0], Accept) and out[0].payload is not None
+    # scapy computes the ICMP checksum itself when the field is deleted: it must agree.
+    got = IP(out[0].payload) if family == 4 else IPv6(out[0].payload)
+    message = got[ICMP] if family == 4 else got.payload
+    want = message.chksum if family == 4 else message.cksum
+    if family == 4:
+        del message.chksum
+    else:
+        del message.cksum
+    rebuilt = (IP if family == 4 else IPv6)(bytes(got))
+    assert (rebuilt[ICMP].chksum if family == 4 else rebuilt.payload.cksum) == want
+    quoted = P.parse_too_big(out[0].payload)
+    assert quoted is not None and quoted.seq == server_seq and quoted.sport == 80
+    assert eng.stats.icmp_too_big == {"translated": 1}
+
+
+def test_icmp_too_big_about_a_connection_not_held_is_passed_on_and_other_ports_pass() -> None:
+    eng, f = make_engine(), Flow()
+    held = P.build(4, f.server, f.client, 80, f.cport, 5, 6, ACK, 500, TcpOptions(), b"x" * 1400)
+    assert eng.handle_raw(_too_big(f, held), T0) == [PassOn()]  # another worker may hold it
+    other = P.build(4, f.server, f.client, 22, f.cport, 5, 6, ACK, 500, TcpOptions(), b"x" * 1400)
+    assert eng.handle_raw(_too_big(f, other), T0) == [Accept()]
+    assert eng.stats.icmp_too_big == {"not_held": 1, "not_proxied": 1}

@@ -181,3 +181,18 @@ def test_second_binder_is_refused_with_one_sentence(lab: Lab) -> None:
     assert res.returncode != 0 and time.monotonic() - t0 < 10
     assert "ShellError: cannot bind NFQUEUE 31" in res.stderr
     assert "another process holds it (another synproxy on the same --queue?)" in res.stderr
+
+
+def test_a_verdict_to_another_queue_carries_its_number_and_the_fail_open_flag() -> None:
+    """NF_QUEUE with the queue number in the upper 16 bits (and the bypass flag when failing open)."""
+    import struct as _struct
+
+    from synproxy import nfqueue as N
+
+    for fail_open, want in ((False, 3 | 7 << 16), (True, 3 | 7 << 16 | 0x8000)):
+        q = N.NfQueue.__new__(N.NfQueue)
+        q.config, q._res_id, q._pending = N.QueueConfig(5, fail_open=fail_open), 0, []
+        q.pass_to(0x01000000, 7)
+        (msg,) = q._pending
+        verdict, packet_id = _struct.unpack_from(">II", msg, 24)
+        assert verdict == want and _struct.unpack_from("=I", msg, 28)[0] == 0x01000000

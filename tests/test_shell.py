@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from synproxy.engine import Accept, Direction, Drop, Send
+from synproxy.engine import Accept, Direction, Drop, PassOn, Send
 from synproxy.nfqueue import QueueStatus
 from synproxy.shell import OverloadGate, Shell, ShellStats
 
@@ -260,6 +260,10 @@ class _BatchedQueue:
         self.queued = []
 
 
+    def pass_to(self, handle: Any, queue_num: int) -> None:
+        self.queued.append(f"queue {handle} to {queue_num}")
+
+
 class _ImmediateQueue(_BatchedQueue):
     """Like NetfilterQueue: a verdict leaves when it is given."""
 
@@ -299,6 +303,19 @@ def test_shell_releases_sends_and_accepts_in_the_order_the_engine_made_them(queu
     order = [w for w in wire.out if not w.startswith("drop")]
     assert order == ["synack1", "ack-for-p2", "accept 2", "synack3", "accept 4"]
     assert sorted(w for w in wire.out if w.startswith("drop")) == ["drop 1", "drop 3", "drop 5"]
+
+
+@pytest.mark.parametrize(("pass_on_queue", "want"), [(7, "queue 1 to 7"), (None, "accept 1")])
+def test_a_packet_the_engine_passes_on_goes_to_the_next_worker_or_through(pass_on_queue: int | None,
+                                                                         want: str) -> None:
+    """An ICMP error about a connection this worker does not hold: the next worker's queue, or
+    (the last worker) through unchanged."""
+    wire = _Wire()
+    shell = Shell.__new__(Shell)
+    shell.engine, shell.clock = _ScriptedEngine({b"icmp": [PassOn()]}), lambda: 0.0  # type: ignore[assignment]
+    shell.stats, shell.sender, shell.pass_on_queue = ShellStats(), _Sender(wire), pass_on_queue  # type: ignore[assignment]
+    shell._handle_batch(_BatchedQueue(wire), [(1, b"icmp")])
+    assert wire.out == [want]
 
 
 @pytest.mark.parametrize(("backlog", "fail_open", "want"), [(512, False, 512), (512, True, 1), (0, True, 0), (0, False, 0)])
