@@ -125,6 +125,15 @@ class Proxied:
 
     SYN_PROBE = "synproxy-e2e-server-syns"
 
+    def worker_metrics(self, index: int) -> dict[str, float]:
+        """Worker `index`'s metrics (with --workers N, worker i exports on the metrics port + i)."""
+        port = self.metrics_port
+        self.metrics_port = port + index
+        try:
+            return self.metrics()
+        finally:
+            self.metrics_port = port
+
     def count_server_syns(self) -> None:
         """Count, from now on, the SYNs to the protected ports that reach the server host's
         INPUT chain: past the proxy's queues, so only the proxy's own (replayed) SYNs, unless

@@ -19,33 +19,25 @@ SIZE = 300_000
 
 
 @pytest.fixture(params=[1, 2], ids=["1-worker", "2-workers"])
-def px(request: pytest.FixtureRequest) -> Iterator[Proxied]:
-    with proxied("gateway", clients=4, start=False) as p:
-        p.lab.run("router", ["ip", "link", "set", "eth0", "mtu", str(NARROW_MTU)])
-        p.start_proxy("--workers", str(request.param))
-        p.workers = request.param  # type: ignore[attr-defined]
-        yield p
+def narrow(request: pytest.FixtureRequest) -> Iterator[tuple[Proxied, int]]:
+    """The gateway lab with a narrower link toward the clients, and how many workers the proxy runs."""
+    with proxied("gateway", clients=4, start=False) as px:
+        px.lab.run("router", ["ip", "link", "set", "eth0", "mtu", str(NARROW_MTU)])
+        px.start_proxy("--workers", str(request.param))
+        yield px, request.param
 
 
-def _worker_metrics(px: Proxied, index: int) -> dict[str, float]:
-    port = px.metrics_port
-    px.metrics_port = port + index
-    try:
-        return px.metrics()
-    finally:
-        px.metrics_port = port
-
-
-def test_downloads_through_a_narrower_link_complete(px: Proxied) -> None:
+def test_downloads_through_a_narrower_link_complete(narrow: tuple[Proxied, int]) -> None:
     """Every client, v4 and v6: the download arrives whole, and the proxy put the server's own
     sequence numbers back into the routers' messages. With two workers the messages all go to
     the first one, which hands on those about connections the second holds."""
+    px, workers = narrow
     for host in ("client", "client2", "client3", "client4"):
         for family in (4, 6):
             res = px.client("get", px.url(family, f"/bytes/{SIZE}"), "--timeout", "10", host=host, timeout=60)
             assert res.get("bytes") == SIZE and res.get("status") == 200, (host, family, res)
-    workers = [_worker_metrics(px, i) for i in range(px.workers)]  # type: ignore[attr-defined]
-    translated = [m['synproxy_icmp_too_big_total{outcome="translated"}'] for m in workers]
+    metrics = [px.worker_metrics(i) for i in range(workers)]
+    translated = [m['synproxy_icmp_too_big_total{outcome="translated"}'] for m in metrics]
     assert sum(translated) >= 2, translated  # at least one message per family
-    if px.workers == 2 and translated[1]:  # type: ignore[attr-defined]
-        assert workers[0]['synproxy_icmp_too_big_total{outcome="not_held"}'] >= translated[1]
+    if workers == 2 and translated[1]:  # the second worker's came through the first
+        assert metrics[0]['synproxy_icmp_too_big_total{outcome="not_held"}'] >= translated[1]

@@ -42,28 +42,19 @@ def px2() -> Iterator[Proxied]:
         yield px
 
 
-def worker_metrics(px: Proxied, index: int) -> dict[str, float]:
-    port = px.metrics_port
-    px.metrics_port = port + index
-    try:
-        return px.metrics()
-    finally:
-        px.metrics_port = port
-
-
 def test_two_workers_share_the_flood_and_serve_clients(px2: Proxied) -> None:
     """Both workers answer a spoofed flood; clients on two other addresses connect while it runs,
     and only the SYNs the workers sent after validating a cookie reach the server."""
     sent_syn = 'synproxy_packets_sent_total{kind="syn"}'
     syns0 = px2.server_syns()
-    sent0 = sum(worker_metrics(px2, i).get(sent_syn, 0) for i in (0, 1))
+    sent0 = sum(px2.worker_metrics(i).get(sent_syn, 0) for i in (0, 1))
     flood = px2.lab.popen("client3", ["timeout", "10", "hping3", "-q", "-S", "-p", "8080", "--rand-source", "-i",
                                       "u100", "-c", "30000", px2.server_addr(4)])
     results = during(flood, lambda: [px2.client("many", px2.url(4, "/"), "--count", "30", "--concurrency", "5",
                                                 host=client) for client in ("client", "client2")], "the clients")
     for res in results:
         assert res["ok"] == 30, res
-    after = [worker_metrics(px2, i) for i in (0, 1)]
+    after = [px2.worker_metrics(i) for i in (0, 1)]
     answered = [m["synproxy_synack_sent_total"] for m in after]
     assert min(answered) > 500, answered  # random sources hash onto both queues
     sent = sum(m.get(sent_syn, 0) for m in after) - sent0
