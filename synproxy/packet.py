@@ -257,10 +257,11 @@ def _ones_sum(data: bytes | bytearray | memoryview) -> int:
     return int.from_bytes(data, "big") % 0xFFFF
 
 
-def _pseudo_header(family: int, src: bytes, dst: bytes, tcp_len: int) -> bytes:
+def _pseudo_header(family: int, src: bytes, dst: bytes, length: int, proto: int = PROTO_TCP) -> bytes:
+    """What TCP's (and ICMPv6's) checksum covers besides the segment or message."""
     if family == 4:
-        return src + dst + struct.pack("!BBH", 0, PROTO_TCP, tcp_len)
-    return src + dst + struct.pack("!IxxxB", tcp_len, PROTO_TCP)
+        return src + dst + struct.pack("!BBH", 0, proto, length)
+    return src + dst + struct.pack("!IxxxB", length, proto)
 
 
 def tcp_checksum(family: int, src: bytes, dst: bytes, segment: bytes | bytearray) -> int:
@@ -692,6 +693,7 @@ def rewrite_too_big(data: bytes, tb: TooBig, seq: int) -> bytes:
     if tb.family == 4:
         total = _ones_sum(message)
     else:  # ICMPv6's checksum covers a pseudo-header like TCP's
-        total = _ones_sum(out[8:40] + struct.pack("!IxxxB", len(message), PROTO_ICMPV6)) + _ones_sum(message)
+        total = _ones_sum(_pseudo_header(6, bytes(out[8:24]), bytes(out[24:40]), len(message), PROTO_ICMPV6)) \
+            + _ones_sum(message)
     struct.pack_into("!H", out, at + 2, ~(total % 0xFFFF) & 0xFFFF)
     return bytes(out)
