@@ -5,15 +5,15 @@ See docs/cookie.md for the design and the measurements behind it.
 
 The 32-bit cookie (our ISN toward the client) is::
 
-    mac24 << 8 | (data8 ^ (mac24 >> 16))
-    data8 = mss_index << 5 | sack << 4 | wscale_code      (wscale_code 15 = none)
-    mac24 = keyed BLAKE2s, 24-bit digest, over
-            family, data8, src, dst, sport, dport, client_isn
+    mac23 << 9 | (data9 ^ (mac23 >> 14))
+    data9 = ecn << 8 | mss_index << 5 | sack << 4 | wscale_code      (wscale_code 15 = none)
+    mac23 = keyed BLAKE2s, 24-bit digest, over
+            family, data9 (2 bytes), src, dst, sport, dport, client_isn; its top 23 bits
 
 The MAC covers the client's *exact* ISN, so an ACK whose sequence number is
-off by any k != 0 fails (false accept 2**-24 per key and slot tried), unlike
+off by any k != 0 fails (false accept 2**-23 per key and slot tried), unlike
 Linux's additive cookies which accept seq+k for k <= mss_index and lose data.
-The XOR only whitens the low byte of the ISN; it hides nothing.
+The XOR only whitens the low 9 bits of the ISN; it hides nothing.
 
 Time is cut into slots of ``slot_seconds``; a cookie made in slot s is valid in
 s and s+1. Each slot has its own key derived from the master secret, so no slot
@@ -38,6 +38,7 @@ __all__ = [
     "DEFAULT_MSS",
     "MSS_TABLES",
     "WSCALE_NONE",
+    "ECN_BIT",
 ]
 
 U32 = 0xFFFF_FFFF
@@ -54,14 +55,18 @@ MSS_TABLES: dict[int, tuple[int, ...]] = {
 DEFAULT_MSS: dict[int, int] = {4: 536, 6: 1220}
 #: wscale_code meaning "the client sent no window scale option".
 WSCALE_NONE = 15
+#: data9 bit: the SYN-ACK agreed to ECN (RFC 3168), so the server is asked for it too.
+ECN_BIT = 0x100
+_DATA_BITS = 9
+_DATA_MASK = (1 << _DATA_BITS) - 1
 MAX_WSCALE = 14  # RFC 7323 2.3: larger shift counts are treated as 14
 
 _SLOT_LABEL = b"synproxy-slot"
 _SLOT_KEYS_KEPT = 4  # slot keys cached per master secret (make uses 1, check 2)
-_MAC_SIZE = 3  # BLAKE2s digest size in bytes: 24 bits
+_MAC_SIZE = 3  # BLAKE2s digest size in bytes: 24 bits, of which the cookie keeps 23
 
-# Fixed message layout: family tag, data8, src, dst, sport, dport, client_isn.
-_MSG = {4: struct.Struct("!BB4s4sHHI"), 6: struct.Struct("!BB16s16sHHI")}
+# Fixed message layout: family tag, data9, src, dst, sport, dport, client_isn.
+_MSG = {4: struct.Struct("!BH4s4sHHI"), 6: struct.Struct("!BH16s16sHHI")}
 _ADDR_LEN = {4: 4, 6: 16}
 
 
@@ -72,6 +77,7 @@ class CookieOptions:
     mss: int  # a table value, <= the client's MSS unless it was below the table
     wscale: int | None  # 0..14; None = the client sent no window scale
     sack_ok: bool
+    ecn: bool = False  # the SYN asked for ECN and the SYN-ACK agreed
 
 
 #: A validated cookie: (its options, the slot it was made in). The slot lets the
@@ -81,24 +87,25 @@ CookieMatch = tuple[CookieOptions, int]
 
 
 def _decode_table(family: int) -> tuple[CookieOptions, ...]:
-    """All 256 data8 values decoded; also the interned results of encode_options."""
+    """All 512 data9 values decoded; also the interned results of encode_options."""
     table = MSS_TABLES[family]
     out = []
-    for data8 in range(256):
-        code = data8 & 0x0F
+    for data9 in range(1 << _DATA_BITS):
+        code = data9 & 0x0F
         out.append(
             CookieOptions(
-                mss=table[data8 >> 5],
+                mss=table[(data9 >> 5) & 7],
                 wscale=None if code == WSCALE_NONE else code,
-                sack_ok=bool(data8 & 0x10),
+                sack_ok=bool(data9 & 0x10),
+                ecn=bool(data9 & ECN_BIT),
             )
         )
     return tuple(out)
 
 
 _DECODE: dict[int, tuple[CookieOptions, ...]] = {f: _decode_table(f) for f in MSS_TABLES}
-# data8 of the interned options, by identity: hashing a dataclass costs more than
-# the whole encoding; other equal instances take the slow path in `_data8`.
+# data9 of the interned options, by identity: hashing a dataclass costs more than
+# the whole encoding; other equal instances take the slow path in `_data9`.
 _CODE_BY_ID: dict[int, dict[int, int]] = {f: {id(o): d for d, o in enumerate(t)} for f, t in _DECODE.items()}
 _MSS_INDEX: dict[int, dict[int, int]] = {f: {m: i for i, m in enumerate(t)} for f, t in MSS_TABLES.items()}
 
@@ -175,16 +182,19 @@ class CookieMaker:
         """The time slot of `now` (cookies made in slot s are valid in s and s+1)."""
         return int(now // self.slot_seconds)
 
-    def encode_options(self, family: int, mss: int | None, wscale: int | None, sack_ok: bool) -> CookieOptions:
+    def encode_options(
+        self, family: int, mss: int | None, wscale: int | None, sack_ok: bool, ecn: bool = False
+    ) -> CookieOptions:
         """Round the client's SYN options to what a cookie can carry.
 
         MSS: the largest table value <= the client's (a missing option means the
         RFC default; a value below the smallest entry gets the smallest, which
         every host of the family must accept anyway). wscale > 14 becomes 14.
+        `ecn`: the SYN-ACK agrees to ECN (the client asked, the server takes it).
         """
         if family not in MSS_TABLES:
             raise ValueError(f"unknown address family {family!r}")
-        return _DECODE[family][_syn_data8(family, mss, wscale, sack_ok)]
+        return _DECODE[family][_syn_data9(family, mss, wscale, sack_ok, ecn)]
 
     def make(
         self,
@@ -205,13 +215,13 @@ class CookieMaker:
         codes = _CODE_BY_ID.get(family)
         if codes is None:
             raise ValueError(f"unknown address family {family!r}")
-        data8 = codes.get(id(opts))
-        if data8 is None:
-            data8 = _data8(family, opts)
+        data9 = codes.get(id(opts))
+        if data9 is None:
+            data9 = _data9(family, opts)
         alen = _ADDR_LEN[family]
         if len(src) != alen or len(dst) != alen:
             raise ValueError(f"IPv{family} addresses must be {alen} bytes")
-        return self._sign(family, data8, src, dst, sport, dport, client_isn, now)
+        return self._sign(family, data9, src, dst, sport, dport, client_isn, now)
 
     def make_for_syn(
         self,
@@ -224,24 +234,27 @@ class CookieMaker:
         mss: int | None,
         wscale: int | None,
         sack_ok: bool,
+        ecn: bool,
         now: float,
     ) -> int:
-        """`make(..., encode_options(family, mss, wscale, sack_ok), now)` in one call,
+        """`make(..., encode_options(family, mss, wscale, sack_ok, ecn), now)` in one call,
         without the options object: the engine's SYN fast path. The caller vouches
         for the family (4 or 6) and the address lengths."""
-        return self._sign(family, _syn_data8(family, mss, wscale, sack_ok), src, dst, sport, dport, client_isn, now)
+        return self._sign(
+            family, _syn_data9(family, mss, wscale, sack_ok, ecn), src, dst, sport, dport, client_isn, now
+        )
 
     def _sign(
-        self, family: int, data8: int, src: bytes, dst: bytes, sport: int, dport: int, client_isn: int, now: float
+        self, family: int, data9: int, src: bytes, dst: bytes, sport: int, dport: int, client_isn: int, now: float
     ) -> int:
-        """The cookie: 24 MAC bits over the tuple, the client's ISN and data8, then data8 masked by the MAC."""
+        """The cookie: 23 MAC bits over the tuple, the client's ISN and data9, then data9 masked by the MAC."""
         if self._hot_start <= now < self._hot_end:
             h = self._hot_proto.copy()
         else:
             h = self._current.proto(self._move_hot(now)).copy()  # ValueError for nan/inf
-        h.update(_MSG[family].pack(family, data8, src, dst, sport, dport, client_isn))
-        mac = int.from_bytes(h.digest(), "big")
-        return mac << 8 | (data8 ^ (mac >> 16))
+        h.update(_MSG[family].pack(family, data9, src, dst, sport, dport, client_isn))
+        mac = int.from_bytes(h.digest(), "big") >> 1
+        return mac << 9 | (data9 ^ (mac >> 14))
 
     def check(
         self,
@@ -267,34 +280,34 @@ class CookieMaker:
         alen = _ADDR_LEN[family]
         if len(src) != alen or len(dst) != alen:
             return None
-        mac = cookie >> 8
-        data8 = (cookie ^ (mac >> 16)) & 0xFF
+        mac = cookie >> 9
+        data9 = (cookie ^ (mac >> 14)) & _DATA_MASK
         try:
-            msg = msg_struct.pack(family, data8, src, dst, sport, dport, client_isn)
+            msg = msg_struct.pack(family, data9, src, dst, sport, dport, client_isn)
             if self._hot_start <= now < self._hot_end:
                 slot = self._hot_slot
             else:
                 slot = self._move_hot(now)
         except (struct.error, ValueError, OverflowError):
             return None  # ports or ISN out of range, now not finite
-        expected = mac.to_bytes(_MAC_SIZE, "big")
+        # The MAC is the top 23 bits of a 24-bit digest.
         h = self._current.proto(slot).copy() if slot != self._hot_slot else self._hot_proto.copy()
         h.update(msg)
-        if h.digest() == expected:
-            return _DECODE[family][data8], slot
+        if int.from_bytes(h.digest(), "big") >> 1 == mac:
+            return _DECODE[family][data9], slot
         # Not made in this slot with the current key: the rarer cases.
         h = self._current.proto(slot - 1).copy()
         h.update(msg)
-        if h.digest() == expected:
-            return _DECODE[family][data8], slot - 1
+        if int.from_bytes(h.digest(), "big") >> 1 == mac:
+            return _DECODE[family][data9], slot - 1
         previous = self._previous
         if previous is not None:
             for s in (slot, slot - 1):
                 if s <= self._previous_last_slot:
                     h = previous.proto(s).copy()
                     h.update(msg)
-                    if h.digest() == expected:
-                        return _DECODE[family][data8], s
+                    if int.from_bytes(h.digest(), "big") >> 1 == mac:
+                        return _DECODE[family][data9], s
         return None
 
     def _move_hot(self, now: float) -> int:
@@ -311,20 +324,23 @@ class CookieMaker:
         return slot
 
 
-def _syn_data8(family: int, mss: int | None, wscale: int | None, sack_ok: bool) -> int:
-    """data8 of a client's SYN options, rounded to what a cookie carries (see encode_options)."""
+def _syn_data9(family: int, mss: int | None, wscale: int | None, sack_ok: bool, ecn: bool) -> int:
+    """data9 of a client's SYN options, rounded to what a cookie carries (see encode_options)."""
     index = bisect_right(MSS_TABLES[family], DEFAULT_MSS[family] if mss is None else mss) - 1
     if wscale is None:
         code = WSCALE_NONE
     else:
         code = MAX_WSCALE if wscale > MAX_WSCALE else (wscale if wscale > 0 else 0)
-    return (index if index > 0 else 0) << 5 | (0x10 if sack_ok else 0) | code
+    return (ECN_BIT if ecn else 0) | (index if index > 0 else 0) << 5 | (0x10 if sack_ok else 0) | code
 
 
-def _data8(family: int, opts: CookieOptions) -> int:
-    """data8 of options not interned by `encode_options` (ValueError if no cookie can carry them)."""
+def _data9(family: int, opts: CookieOptions) -> int:
+    """data9 of options not interned by `encode_options` (ValueError if no cookie can carry them)."""
     index = _MSS_INDEX[family].get(opts.mss)
     wscale = opts.wscale
     if index is None or not (wscale is None or 0 <= wscale <= MAX_WSCALE):
         raise ValueError(f"options not encodable for IPv{family}: {opts!r}")
-    return index << 5 | (0x10 if opts.sack_ok else 0) | (WSCALE_NONE if wscale is None else wscale)
+    return (
+        (ECN_BIT if opts.ecn else 0) | index << 5 | (0x10 if opts.sack_ok else 0)
+        | (WSCALE_NONE if wscale is None else wscale)
+    )

@@ -12,6 +12,9 @@ Life of a connection:
                             with the client's ISN and decoded options; data held.
   SYN-ACK (server)       -> ACK to the server, held data released, a window update to
                             the client; state ESTABLISHED; the SYN-ACK is stolen.
+ECN (RFC 3168) is agreed with a client that asks only while the server took it at its last
+handshake; a server that refuses it after all gets no ECN-capable packets, and CE-marked ones,
+whose mark it would not echo, are dropped (the loss the mark stands for).
   everything after       -> translated both ways: seq/ack, SACK blocks, TSval/TSecr,
                             window values rescaled between the two window scales.
   FIN both ways, RST,    -> state removed (after a short linger for retransmissions).
@@ -34,7 +37,7 @@ from typing import ClassVar
 from . import packet as P
 from .cookie import CookieMaker, CookieMatch, CookieOptions
 from .limits import Limits, LimitsConfig, RetryMemory, Shed
-from .packet import ACK, FIN, RST, SYN, Packet, PacketError, TcpOptions
+from .packet import ACK, CWR, ECE, FIN, RST, SYN, Packet, PacketError, TcpOptions
 
 U32 = 0xFFFFFFFF
 MAX_WINDOW_FIELD = 0xFFFF
@@ -107,6 +110,8 @@ _BAD_SOURCE = Drop("bad_source")
 _RST_OUT_OF_WINDOW = Drop("rst_out_of_window")
 _PROBE_ANSWERED = Drop("probe_answered")
 _FIN_OUT_OF_WINDOW = Drop("fin_out_of_window")
+_CE_UNECHOED = Drop("ce_unechoed")
+_ECN_SETUP = ECE | CWR  # a SYN asking for ECN has both; an agreeing SYN-ACK ECE alone
 # SYN with FIN or RST: no TCP stack sends it; scanners and firewall evasion do. Linux drops it
 # in LISTEN (SYN+FIN since 3.5, RST first), and answering it would have the proxy open a
 # backend connection for a packet the server itself would have ignored.
@@ -141,6 +146,7 @@ class BackendProfile:
     sack_ok: bool = True
     ts_ok: bool = True
     window: int = 65535
+    ecn_ok: bool = True  # takes ECN when a SYN asks (Linux's default, net.ipv4.tcp_ecn = 2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,7 +221,7 @@ def seq_after(a: int, b: int) -> bool:
 # cannot aim collisions at the table (ints would not).
 ConnKey = bytes
 ServerKey = tuple[int, bytes, int]
-SynAckPlan = tuple[int, int, bool, bool]  # window, MSS, SACK-permitted, timestamps
+SynAckPlan = tuple[int, int, bool, bool, bool]  # window, MSS, SACK-permitted, timestamps, ECN
 _pack_key_v4 = struct.Struct("!4s4sHH").pack
 _pack_key_v6 = struct.Struct("!16s16sHH").pack
 _unpack_key_v4 = struct.Struct("!4s4sHH").unpack
@@ -249,6 +255,7 @@ class Handshake:
     proxy_tsval: int  # the TSval of the proxy's SYN-ACK, as the client echoed it
     client_tsval: int
     client_window: int  # the client's latest window field (client's scale)
+    ecn: bool = False  # ECN agreed with the client (so asked of the server)
     held: list[bytes] = field(default_factory=list)  # client segments to release
     held_bytes: int = 0
     held_next: int = 0  # first client sequence number not yet held
@@ -295,6 +302,10 @@ class Shape:
     client_recv_shift: int = 0  # scale the client applies to them (what the proxy advertised)
     fin_from_client: bool = False
     fin_from_server: bool = False
+    # The client was told ECN and the server refused it: the client's ECN-capable packets go
+    # to the server as not ECN-capable, and CE-marked ones are dropped (the server would not
+    # echo the mark, so the client would never slow down for it; a loss it does see).
+    ecn_unechoed: bool = False
 
 
 @dataclass(slots=True)
@@ -389,6 +400,7 @@ class Stats:
     retries_answered: int = 0  # SYNs let through under overload because they repeated a shed one
     client_resets: Counter[str] = field(default_factory=Counter)  # what became of clients' RSTs
     icmp_too_big: Counter[str] = field(default_factory=Counter)  # translated/not_held/not_proxied
+    ecn: Counter[str] = field(default_factory=Counter)  # server handshakes asked for ECN: negotiated/refused
 
 
 # ---------------------------------------------------------------- the engine
@@ -412,6 +424,9 @@ class Engine:
         # window scale advertised per server and cookie slot: the cookie has no room
         # for it, and the translation must know what the client was told.
         self._advertised_wscale: dict[tuple[ServerKey, int], int] = {}
+        # When a server that refused ECN is asked again: ECN_RETRY after its refusal, so
+        # one switched back on (net.ipv4.tcp_ecn) is noticed at run time.
+        self._ecn_retry_at: dict[ServerKey, float] = {}
         self._timers: list[tuple[float, ConnKey]] = []
         # Idle expiry of established connections: an incremental sweep over a
         # snapshot of the keys, so they need no timer entry each.
@@ -426,7 +441,7 @@ class Engine:
         self.retries = RetryMemory()
         # IPv6 headers are 20 bytes longer: the same link gives a 20 bytes smaller MSS.
         d = config.default_profile
-        self._default_v6 = BackendProfile(d.mss - 20, d.wscale, d.sack_ok, d.ts_ok, d.window)
+        self._default_v6 = replace(d, mss=d.mss - 20)
 
     @property
     def pending(self) -> int:
@@ -509,7 +524,9 @@ class Engine:
                 if kind == SYN:
                     opts = P.scan_options(data, opt_start, opt_end) if opt_end == len(data) else None
                     if opts is not None:
-                        return self._synack_for(family, src, dst, sport, dport, seq, opts, now)
+                        return self._synack_for(
+                            family, src, dst, sport, dport, seq, opts, flags & _ECN_SETUP == _ECN_SETUP, now
+                        )
                 elif (kind == ACK or kind == ACK | FIN) and P.scan_options(data, opt_start, opt_end) is not None:
                     client_isn = (seq - 1) & U32
                     match = self.cookies.check(family, src, dst, sport, dport, client_isn, (ack - 1) & U32, now)
@@ -553,9 +570,10 @@ class Engine:
 
     def _synack_for(
         self, family: int, src: bytes, dst: bytes, sport: int, dport: int, seq: int,
-        opts: P.SynOptions, now: float,
+        opts: P.SynOptions, ecn: bool, now: float,
     ) -> list[Action]:
         """The answer to a SYN, from its fields: rate limit, cookie, SYN-ACK, no state.
+        `ecn`: the SYN asks for ECN (ECE and CWR).
 
         Both paths end here: the flood fast path with what P.scan_options read, and
         `_answer_syn` with a parsed Packet's options (a SYN with data, say)."""
@@ -574,24 +592,35 @@ class Engine:
         plan = self._synack_plans.get(skey)
         if plan is None:
             plan = self._synack_plan(skey)
-        window, our_mss, our_sack, our_ts = plan
+        window, our_mss, our_sack, our_ts, our_ecn = plan
         sack = sack_ok and our_sack
+        if ecn and not our_ecn:
+            ecn = self._ecn_retry_due(skey, now)
         cookies = self.cookies
-        cookie = cookies.make_for_syn(family, src, dst, sport, dport, seq, mss, wscale, sack, now)
+        cookie = cookies.make_for_syn(family, src, dst, sport, dport, seq, mss, wscale, sack, ecn, now)
         if wscale is not None:
             wscale = self._wscale_for_slot(skey, cookies.slot(now))
         synack = P.build_synack(
             family, dst, src, dport, sport, cookie, seq + 1, window, our_mss, sack, wscale,
-            self._ts_clock(now) if tsval is not None and our_ts else None, tsval or 0,
+            self._ts_clock(now) if tsval is not None and our_ts else None, tsval or 0, ecn,
         )
         stats.synack_sent += 1
         return [_SYN_ANSWERED, Send(family, src, synack, Direction.FROM_SERVER, "synack")]
+
+    def _ecn_retry_due(self, skey: ServerKey, now: float) -> bool:
+        """Whether to agree ECN with a client although the server refused it last time:
+        once per ECN_RETRY (the next try is due ECN_RETRY after this one)."""
+        retry_at = self._ecn_retry_at.get(skey)
+        if retry_at is not None and now < retry_at:
+            return False
+        self._ecn_retry_at[skey] = now + self.ECN_RETRY
+        return True
 
     def _synack_plan(self, skey: ServerKey) -> SynAckPlan:
         """What a SYN-ACK takes from the server's profile, cached until it changes
         (learn_profile). The cache is bounded: SYNs may name any server address."""
         prof = self.profile(*skey)
-        plan = (min(prof.window, MAX_WINDOW_FIELD), self._advertised_mss(prof), prof.sack_ok, prof.ts_ok)
+        plan = (min(prof.window, MAX_WINDOW_FIELD), self._advertised_mss(prof), prof.sack_ok, prof.ts_ok, prof.ecn_ok)
         if len(self._synack_plans) >= 4096:
             self.stats.evicted["synack_plans"] += len(self._synack_plans)
             self._synack_plans.clear()
@@ -630,6 +659,9 @@ class Engine:
     # an out-of-window segment at most every 500 ms), up to RESET_PROBES times this far apart;
     # no answer to any of them counts as the socket being gone.
     RESET_PROBE_DELAY = 1.0
+    # A server that refused ECN is asked again this long after, by agreeing ECN with the next
+    # client that asks: if it still refuses, that one connection goes without (ecn_unechoed).
+    ECN_RETRY = 60.0
     RESET_PROBES = 2
 
     def next_deadline(self) -> float | None:
@@ -702,6 +734,7 @@ class Engine:
             self.stats.evicted["profiles"] += len(self._profiles)
             self._profiles.clear()  # bounded; only validated handshakes ever add entries
             self._synack_plans.clear()
+            self._ecn_retry_at.clear()
         self._profiles[(family, server, port)] = profile
         self._synack_plans.pop((family, server, port), None)
 
@@ -764,7 +797,8 @@ class Engine:
         o = pkt.options
         return self._synack_for(
             pkt.family, pkt.src, pkt.dst, pkt.sport, pkt.dport, pkt.seq,
-            (o.mss, o.wscale, o.sack_ok, o.ts[0] if o.ts is not None else None), now,
+            (o.mss, o.wscale, o.sack_ok, o.ts[0] if o.ts is not None else None),
+            pkt.flags & _ECN_SETUP == _ECN_SETUP, now,
         )
 
     def _validate(self, pkt: Packet, key: ConnKey, old: ClosingConn | ResetConn | None, now: float) -> list[Action]:
@@ -812,7 +846,8 @@ class Engine:
             ts=(ts[0], 0) if ts is not None else None,
         )
         syn_window = min(pkt.window << client_send_shift, MAX_WINDOW_FIELD)
-        syn = P.build(family, client, server, cport, sport, client_isn, 0, SYN, syn_window, syn_opts)
+        syn_flags = SYN | _ECN_SETUP if c_opts.ecn else SYN
+        syn = P.build(family, client, server, cport, sport, client_isn, 0, syn_flags, syn_window, syn_opts)
         conn = PendingConn(
             shape=self._shape(Shape(ts is not None, client_send_shift, 0, 0, client_recv_shift)),
             seen=self._tick(now),
@@ -826,6 +861,7 @@ class Engine:
                 proxy_tsval=ts[1] if ts is not None else 0,
                 client_tsval=ts[0] if ts is not None else 0,
                 client_window=pkt.window,
+                ecn=c_opts.ecn,
                 held_next=(client_isn + 1) & U32,
             ),
         )
@@ -901,6 +937,11 @@ class Engine:
             tsecr=(ts[1] + (offsets >> 32)) & U32 if ts is not None and shape.ts else None,
             sack_delta=-offsets & U32,
         )
+        if shape.ecn_unechoed and P.ip_ecn(out):
+            if P.ip_ecn(out) == P.ECN_CE:
+                self.stats.dropped["ce_unechoed"] += 1
+                return [_CE_UNECHOED]
+            out = P.clear_ecn(out)
         if not pkt.flags & RST or not isinstance(conn, ResetConn):  # a RST that may not count closes nothing yet
             self._track_close(key, conn, pkt, Direction.FROM_CLIENT, now)
         self.stats.translated += 1
@@ -1038,16 +1079,23 @@ class Engine:
         if offered_ts and opts.ts is not None:
             ts_offset = (opts.ts[0] - hs.proxy_tsval) & U32  # server clock - proxy clock
         # (if the server declined timestamps, there is nothing to translate)
+        prev = self.profile(family, server, sport)
+        server_ecn = prev.ecn_ok
+        if hs.ecn:  # an ECN-setup SYN-ACK has ECE without CWR (RFC 3168 6.1.1)
+            server_ecn = pkt.flags & _ECN_SETUP == ECE
+            self.stats.ecn["negotiated" if server_ecn else "refused"] += 1
+            if not server_ecn:
+                self._ecn_retry_at[(family, server, sport)] = now + self.ECN_RETRY
         shape = self._shape(replace(
             shape, ts=offered_ts and opts.ts is not None,
             server_recv_shift=server_recv_shift, server_send_shift=server_send_shift,
+            ecn_unechoed=hs.ecn and not server_ecn,
         ))
         self.conns[key] = conn = Conn(
             shape, pending.seen,
             seq_offset | ts_offset << 32 | pkt.ack << 64 | (pkt.window >> server_send_shift) << 96,
         )
         # A SYN-ACK answers only what the SYN offered: learn just those options.
-        prev = self.profile(family, server, sport)
         self.learn_profile(
             family, server, sport,
             BackendProfile(
@@ -1056,6 +1104,7 @@ class Engine:
                 sack_ok=opts.sack_ok if hs.sack_ok else prev.sack_ok,
                 ts_ok=opts.ts is not None if offered_ts else prev.ts_ok,
                 window=pkt.window,
+                ecn_ok=server_ecn,
             ),
         )
         self.limits.promoted(self.limits.source_key(family, client))

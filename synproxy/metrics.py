@@ -40,6 +40,7 @@ KNOWN_LABELS: dict[str, tuple[str, ...]] = {
     "synproxy_evictions": ("profiles", "advertised_wscale", "synack_plans", "shapes"),
     "synproxy_client_resets": ("exact", "in_window", "out_of_window", "refuted", "confirmed", "unanswered"),
     "synproxy_icmp_too_big": ("translated", "not_held", "not_proxied"),
+    "synproxy_ecn_handshakes": ("negotiated", "refused"),
 }
 
 
@@ -106,6 +107,9 @@ class SynproxyCollector(Collector):
                         "by outcome (translated: the quoted sequence number put back; not_held: no established "
                         "connection here, handed to the next worker or passed; not_proxied)", "outcome",
                         st.icmp_too_big)
+        yield _labelled("synproxy_ecn_handshakes", "Server handshakes in which the proxy asked for ECN (it had agreed "
+                        "ECN with the client), by outcome (refused: the server would not; that connection then "
+                        "reaches the server without ECN and CE-marked packets are dropped)", "outcome", st.ecn)
         yield _labelled("synproxy_packets_dropped", "Queued packets the proxy dropped, by reason", "reason", st.dropped)
         yield _labelled("synproxy_malformed_packets", "Queued packets that did not parse", "reason", st.malformed)
         yield _counter("synproxy_packets_translated", "Packets of established connections rewritten", st.translated)

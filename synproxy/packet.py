@@ -49,6 +49,7 @@ _pack_ipv6 = struct.Struct("!IHBB16s16s").pack
 _pack_u32 = struct.Struct("!I").pack_into
 _pack_u16 = struct.Struct("!H").pack_into
 _unpack_u32 = struct.Struct("!I").unpack_from
+_unpack_u16 = struct.Struct("!H").unpack_from
 _unpack_ts = struct.Struct("!II").unpack_from
 _pack_v4_tcp = struct.Struct("!BBHHHBBH4s4sHHIIBBHHH").pack
 _pack_v6_tcp = struct.Struct("!IHBB16s16sHHIIBBHHH").pack
@@ -374,6 +375,33 @@ def rewrite(
     return bytes(buf)
 
 
+# ECN codepoints of the IP header (RFC 3168 section 5)
+ECN_NOT_ECT, ECN_CE = 0, 3
+
+
+def ip_ecn(data: bytes | bytearray) -> int:
+    """The ECN field of an IPv4 or IPv6 packet: 0 not ECN-capable, 1 or 2 ECT, 3 CE."""
+    return data[1] & 3 if data[0] >> 4 == 4 else (data[1] >> 4) & 3
+
+
+def clear_ecn(data: bytes) -> bytes:
+    """The packet marked not ECN-capable (its IPv4 header checksum updated)."""
+    buf = bytearray(data)
+    if buf[0] >> 4 == 4:
+        old = buf[1]
+        buf[1] = old & 0xFC
+        # RFC 1624: HC' = ~(~HC + ~m + m') over the 16-bit word holding the TOS byte
+        word_old, word_new = buf[0] << 8 | old, buf[0] << 8 | buf[1]
+        csum = _unpack_u16(buf, 10)[0]
+        total = (~csum & 0xFFFF) + (~word_old & 0xFFFF) + word_new
+        total = (total & 0xFFFF) + (total >> 16)
+        total = (total & 0xFFFF) + (total >> 16)
+        _pack_u16(buf, 10, ~total & 0xFFFF)
+    else:
+        buf[1] &= 0xCF
+    return bytes(buf)
+
+
 def addr_text(family: int, addr: bytes) -> str:
     """Printable address, for logs and tests."""
     import socket
@@ -559,10 +587,12 @@ def build_synack(
     wscale: int | None,
     tsval: int | None,
     tsecr: int = 0,
+    ece: bool = False,
 ) -> bytes:
     """Exactly `build(family, src, dst, sport, dport, seq, ack, SYN | ACK, window,
     TcpOptions(mss=mss, wscale=wscale, sack_ok=sack_ok, ts=(tsval, tsecr)))` (no
     timestamps when tsval is None; tsval and tsecr are 32-bit), in under half the time.
+    `ece` adds ECE to the flags: the ECN-setup SYN-ACK of RFC 3168.
 
     No bytes are summed: a checksum is the sum of the 16-bit words of the fields,
     and as 2**16 = 1 (mod 0xffff) a 32-bit field or a whole address taken as one
@@ -572,21 +602,22 @@ def build_synack(
     seq &= _U32
     ack &= _U32
     addr = int.from_bytes(src + dst, "big")
-    total = addr + sport + dport + seq + ack + window + mss
+    ece_bit = ECE if ece else 0  # in the offset-and-flags word, so in the sum as it is
+    total = addr + sport + dport + seq + ack + window + mss + ece_bit
     if tsval is not None:
         first = _SACK_PERM_TS_WORD if sack_ok else _NOP_NOP_WORD
         if wscale is not None:
             thl = 40
             total += _K_TS_WS + first + tsval + tsecr + wscale
             tcp = _pack_synack_ts_ws(
-                sport, dport, seq, ack, _OFF_FLAGS_40, window, ~(total % 0xFFFF) & 0xFFFF,
+                sport, dport, seq, ack, _OFF_FLAGS_40 | ece_bit, window, ~(total % 0xFFFF) & 0xFFFF,
                 _MSS_WORD, mss, first, _TS_WORD, tsval, tsecr, _WSCALE_WORD | wscale,
             )
         else:
             thl = 36
             total += _K_TS + first + tsval + tsecr
             tcp = _pack_synack_ts(
-                sport, dport, seq, ack, _OFF_FLAGS_36, window, ~(total % 0xFFFF) & 0xFFFF,
+                sport, dport, seq, ack, _OFF_FLAGS_36 | ece_bit, window, ~(total % 0xFFFF) & 0xFFFF,
                 _MSS_WORD, mss, first, _TS_WORD, tsval, tsecr,
             )
     elif wscale is None:
@@ -594,27 +625,27 @@ def build_synack(
             thl = 28
             total += _K_SACK
             tcp = _pack_synack_1(
-                sport, dport, seq, ack, _OFF_FLAGS_28, window, ~(total % 0xFFFF) & 0xFFFF,
+                sport, dport, seq, ack, _OFF_FLAGS_28 | ece_bit, window, ~(total % 0xFFFF) & 0xFFFF,
                 _MSS_WORD, mss, _SACK_PERM_WORD,
             )
         else:
             thl = 24
             total += _K_NONE
             tcp = _pack_synack_0(
-                sport, dport, seq, ack, _OFF_FLAGS_24, window, ~(total % 0xFFFF) & 0xFFFF, _MSS_WORD, mss
+                sport, dport, seq, ack, _OFF_FLAGS_24 | ece_bit, window, ~(total % 0xFFFF) & 0xFFFF, _MSS_WORD, mss
             )
     elif sack_ok:
         thl = 32
         total += _K_SACK_WS + wscale
         tcp = _pack_synack_2(
-            sport, dport, seq, ack, _OFF_FLAGS_32, window, ~(total % 0xFFFF) & 0xFFFF,
+            sport, dport, seq, ack, _OFF_FLAGS_32 | ece_bit, window, ~(total % 0xFFFF) & 0xFFFF,
             _MSS_WORD, mss, _SACK_PERM_WORD, _WSCALE_WORD | wscale,
         )
     else:
         thl = 28
         total += _K_WS + wscale
         tcp = _pack_synack_1(
-            sport, dport, seq, ack, _OFF_FLAGS_28, window, ~(total % 0xFFFF) & 0xFFFF,
+            sport, dport, seq, ack, _OFF_FLAGS_28 | ece_bit, window, ~(total % 0xFFFF) & 0xFFFF,
             _MSS_WORD, mss, _WSCALE_WORD | wscale,
         )
     if family == 4:

@@ -131,6 +131,7 @@ def tcp_info(sock: socket.socket) -> dict[str, object]:
     snd_mss, rcv_mss = struct.unpack_from("=II", raw, 16)
     return {
         "timestamps": bool(options & 1), "sack": bool(options & 2), "wscale_ok": bool(options & 4),
+        "ecn": bool(options & 8), "ecn_seen": bool(options & 16),
         "snd_wscale": wscale & 0x0F, "rcv_wscale": wscale >> 4, "snd_mss": snd_mss, "rcv_mss": rcv_mss,
         "retransmits_total": struct.unpack_from("=I", raw, 100)[0],
     }

@@ -1,6 +1,6 @@
 """SYN cookies: exactness (no seq off-by-k accept), lifetime, rotation, MSS rounding.
 
-A wrong input passes a 24-bit MAC with probability 2**-24 per MAC tried (two per
+A wrong input passes a 23-bit MAC with probability 2**-23 per MAC tried (two per
 check outside rotations), so "X never validates" cannot hold for every key. The
 negative tests therefore use a fixed key and `derandomize=True`: each run checks
 exactly the same inputs, and they were verified to contain no false accept. A
@@ -51,43 +51,45 @@ def tuples(draw: st.DrawFn) -> tuple[int, bytes, bytes, int, int, int]:
 
 
 @st.composite
-def syn_options(draw: st.DrawFn) -> tuple[int | None, int | None, bool]:
-    return (draw(st.none() | u16), draw(st.none() | st.integers(0, 255)), draw(st.booleans()))
+def syn_options(draw: st.DrawFn) -> tuple[int | None, int | None, bool, bool]:
+    """mss, wscale, sack_ok, ecn (agreed)."""
+    return (draw(st.none() | u16), draw(st.none() | st.integers(0, 255)), draw(st.booleans()), draw(st.booleans()))
 
 
 # ---------------------------------------------------------------- round trip
 
 
 @given(t=tuples(), o=syn_options(), now=nows)
-def test_round_trip(t: tuple[int, bytes, bytes, int, int, int], o: tuple[int | None, int | None, bool], now: float) -> None:
+def test_round_trip(t: tuple[int, bytes, bytes, int, int, int], o: tuple[int | None, int | None, bool, bool], now: float) -> None:
     m = maker()
     family, src, dst, sport, dport, isn = t
-    mss, wscale, sack = o
-    opts = m.encode_options(family, mss, wscale, sack)
+    mss, wscale, sack, ecn = o
+    opts = m.encode_options(family, mss, wscale, sack, ecn)
     cookie = m.make(family, src, dst, sport, dport, isn, opts, now)
     assert 0 <= cookie <= U32
     assert m.check(family, src, dst, sport, dport, isn, cookie, now) == (opts, m.slot(now))
     # what the cookie carries is the client's SYN, rounded
     assert opts.sack_ok is sack
+    assert opts.ecn is ecn
     assert opts.wscale == (None if wscale is None else min(wscale, 14))
     assert opts.mss in MSS_TABLES[family]
 
 
 @given(t=tuples(), o=syn_options(), now=nows)
 def test_round_trip_with_an_equal_but_not_interned_options_object(
-    t: tuple[int, bytes, bytes, int, int, int], o: tuple[int | None, int | None, bool], now: float
+    t: tuple[int, bytes, bytes, int, int, int], o: tuple[int | None, int | None, bool, bool], now: float
 ) -> None:
     m = maker()
     family, src, dst, sport, dport, isn = t
     opts = m.encode_options(family, *o)
-    copy = CookieOptions(opts.mss, opts.wscale, opts.sack_ok)
+    copy = CookieOptions(opts.mss, opts.wscale, opts.sack_ok, opts.ecn)
     assert copy is not opts
     assert m.make(family, src, dst, sport, dport, isn, copy, now) == m.make(family, src, dst, sport, dport, isn, opts, now)
 
 
 @given(t=tuples(), o=syn_options(), now=nows, late=st.booleans())
 def test_make_for_syn_is_make_of_the_encoded_options(
-    t: tuple[int, bytes, bytes, int, int, int], o: tuple[int | None, int | None, bool], now: float, late: bool
+    t: tuple[int, bytes, bytes, int, int, int], o: tuple[int | None, int | None, bool, bool], now: float, late: bool
 ) -> None:
     """The engine's SYN fast path makes the very cookie the general path makes,
     whichever of the two primes the hot-slot cache (and for a late `now` too)."""
@@ -104,7 +106,7 @@ def test_make_for_syn_is_make_of_the_encoded_options(
 
 @given(t=tuples(), o=syn_options(), now=nows)
 def test_deterministic_within_a_slot_and_across_instances(
-    t: tuple[int, bytes, bytes, int, int, int], o: tuple[int | None, int | None, bool], now: float
+    t: tuple[int, bytes, bytes, int, int, int], o: tuple[int | None, int | None, bool, bool], now: float
 ) -> None:
     m = maker()
     family, src, dst, sport, dport, isn = t
@@ -158,7 +160,7 @@ def test_seq_off_by_any_k_never_validates(k: int, family: int) -> None:
 @settings(derandomize=True)
 @given(t=tuples(), o=syn_options(), now=nows)
 def test_any_bit_flip_of_the_cookie_fails(
-    t: tuple[int, bytes, bytes, int, int, int], o: tuple[int | None, int | None, bool], now: float
+    t: tuple[int, bytes, bytes, int, int, int], o: tuple[int | None, int | None, bool, bool], now: float
 ) -> None:
     m = maker()
     family, src, dst, sport, dport, isn = t
@@ -170,7 +172,7 @@ def test_any_bit_flip_of_the_cookie_fails(
 @settings(derandomize=True)
 @given(t=tuples(), o=syn_options(), now=nows, data=st.data())
 def test_another_tuple_fails(
-    t: tuple[int, bytes, bytes, int, int, int], o: tuple[int | None, int | None, bool], now: float, data: st.DataObject
+    t: tuple[int, bytes, bytes, int, int, int], o: tuple[int | None, int | None, bool, bool], now: float, data: st.DataObject
 ) -> None:
     m = maker()
     family, src, dst, sport, dport, isn = t
@@ -210,13 +212,13 @@ def test_another_key_fails() -> None:
 
 
 def test_the_options_are_authenticated() -> None:
-    """Changing the low byte (options) without the MAC fails: the MAC covers data8."""
+    """Changing the low 9 bits (options, ECN) without the MAC fails: the MAC covers data9."""
     m = maker()
     src, dst = V4
     opts = m.encode_options(4, 1460, 7, True)
     cookie = m.make(4, src, dst, 40000, 443, 1, opts, T0)
-    for low in range(256):
-        forged = (cookie & ~0xFF) | low
+    for low in range(512):
+        forged = (cookie & ~0x1FF) | low
         if forged != cookie:
             assert m.check(4, src, dst, 40000, 443, 1, forged, T0) is None
 

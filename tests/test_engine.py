@@ -22,7 +22,7 @@ from synproxy.engine import (
     split_key,
 )
 from synproxy.keys import KeyRing
-from synproxy.packet import ACK, FIN, PSH, RST, SYN, TcpOptions
+from synproxy.packet import ACK, CWR, ECE, FIN, PSH, RST, SYN, TcpOptions
 
 U32 = 0xFFFFFFFF
 C2S, S2C = Direction.FROM_CLIENT, Direction.FROM_SERVER
@@ -48,6 +48,7 @@ class Flow:
     sack: bool = True
     ts: bool = True
     client_tsval: int = 500
+    ecn: bool = False  # the SYN asks for ECN (ECE and CWR)
 
     def __post_init__(self) -> None:
         if self.family == 4:
@@ -66,7 +67,7 @@ class Flow:
         return P.parse(P.build(self.family, self.server, self.client, 80, self.cport, seq, ack, flags, window, o, payload))
 
     def syn(self) -> P.Packet:
-        return self.c(self.client_isn, 0, SYN, 64240, opts=TcpOptions(
+        return self.c(self.client_isn, 0, SYN | (ECE | CWR if self.ecn else 0), 64240, opts=TcpOptions(
             mss=self.client_mss, wscale=self.client_ws, sack_ok=self.sack,
             ts=(self.client_tsval, 0) if self.ts else None))
 
@@ -92,7 +93,8 @@ def accepted(actions: list[Action]) -> P.Packet:
 
 
 def handshake(eng: Engine, f: Flow, now: float = T0, server_ws: int | None = 7,
-              server_ts: int = 9_000_000, data: bytes = b"") -> tuple[P.Packet, P.Packet, list[Action]]:
+              server_ts: int = 9_000_000, data: bytes = b"", server_ecn: bool = True,
+              ) -> tuple[P.Packet, P.Packet, list[Action]]:
     """Run the three-way handshake plus the server side; returns (synack, syn to server, last actions)."""
     out = eng.handle(f.syn(), C2S, now)
     assert isinstance(out[0], Drop)
@@ -102,7 +104,9 @@ def handshake(eng: Engine, f: Flow, now: float = T0, server_ws: int | None = 7,
     syn = one(out, "syn")
     sa_opts = TcpOptions(mss=1460, wscale=server_ws, sack_ok=syn.options.sack_ok,
                          ts=(server_ts, syn.options.ts[0]) if syn.options.ts else None)
-    out = eng.handle(f.s(f.server_isn, f.client_isn + 1, SYN | ACK, 65160, opts=sa_opts), S2C, now + 0.001)
+    # Linux with net.ipv4.tcp_ecn = 2 (its default) agrees to an ECN-setup SYN with ECE
+    ece = ECE if server_ecn and syn.flags & (ECE | CWR) == ECE | CWR else 0
+    out = eng.handle(f.s(f.server_isn, f.client_isn + 1, SYN | ACK | ece, 65160, opts=sa_opts), S2C, now + 0.001)
     return synack, syn, out
 
 
@@ -737,3 +741,107 @@ def test_icmp_too_big_about_a_connection_not_held_is_passed_on_and_other_ports_p
     other = P.build(4, f.server, f.client, 22, f.cport, 5, 6, ACK, 500, TcpOptions(), b"x" * 1400)
     assert eng.handle_raw(_too_big(f, other), T0) == [Accept()]
     assert eng.stats.icmp_too_big == {"not_held": 1, "not_proxied": 1}
+
+
+# ------------------------------------------------------------------ ECN (RFC 3168)
+
+
+def with_ecn(pkt: P.Packet, codepoint: int) -> P.Packet:
+    """The packet with its IP header's ECN field set (a client's ECT or a router's CE)."""
+    buf = bytearray(pkt.raw)
+    if pkt.family == 4:
+        buf[1] = buf[1] & 0xFC | codepoint
+        buf[10:12] = b"\0\0"
+        buf[10:12] = P.ipv4_checksum(bytes(buf[:20])).to_bytes(2, "big")
+    else:
+        buf[1] = buf[1] & 0xCF | codepoint << 4
+    return P.parse(bytes(buf))
+
+
+@pytest.mark.parametrize("fast_paths", [True, False])
+@pytest.mark.parametrize("flags, agreed", [(ECE | CWR, True), (ECE, False), (CWR, False), (0, False)])
+def test_an_ecn_setup_syn_gets_an_ecn_setup_synack(fast_paths: bool, flags: int, agreed: bool) -> None:
+    """Only a SYN with ECE and CWR asks for ECN; the SYN-ACK agrees with ECE alone (RFC 3168 6.1.1)."""
+    eng, f = make_engine(), Flow()
+    eng.fast_paths = fast_paths
+    syn = f.c(f.client_isn, 0, SYN | flags, 64240, opts=TcpOptions(mss=1460, wscale=7, sack_ok=True, ts=(500, 0)))
+    synack = one(eng.handle_raw(syn.raw, T0), "synack")
+    assert synack.flags == (SYN | ACK | ECE if agreed else SYN | ACK)
+    assert P.ip_ecn(synack.raw) == P.ECN_NOT_ECT
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_ecn_is_asked_of_the_server_and_ecn_capable_packets_pass_as_they_are(family: int) -> None:
+    eng, f = make_engine(), Flow(family=family, ecn=True)
+    synack, syn, out = handshake(eng, f)
+    assert synack.flags & (ECE | CWR) == ECE and syn.flags & (ECE | CWR) == ECE | CWR
+    assert eng.stats.ecn == {"negotiated": 1}
+    for codepoint in (1, 2, P.ECN_CE):  # ECT(1), ECT(0), CE: the server echoes the mark itself
+        data = with_ecn(f.c(f.client_isn + 1, synack.seq + 1, ACK | PSH, payload=b"abc"), codepoint)
+        assert P.ip_ecn(accepted(eng.handle(data, C2S, T0 + 1)).raw) == codepoint
+
+
+def test_a_client_without_ecn_gets_none_from_the_server() -> None:
+    eng, f = make_engine(), Flow()
+    synack, syn, _ = handshake(eng, f)
+    assert not synack.flags & (ECE | CWR) and not syn.flags & (ECE | CWR)
+    assert eng.stats.ecn == {}
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_a_server_that_refuses_ecn_gets_no_ecn_capable_packets_and_ce_becomes_a_loss(family: int) -> None:
+    """The client was told ECN; the server (net.ipv4.tcp_ecn = 0) refuses it. The server would
+    never echo a CE mark, so the client would never slow down for one: CE-marked packets are
+    dropped (the loss the mark stands for) and ECT ones reach the server as not ECN-capable."""
+    eng, f = make_engine(), Flow(family=family, ecn=True)
+    synack, _, _ = handshake(eng, f, server_ecn=False)
+    assert synack.flags & ECE and eng.stats.ecn == {"refused": 1}
+    seq = f.client_isn + 1
+    ect = with_ecn(f.c(seq, synack.seq + 1, ACK | PSH, payload=b"abc"), 2)
+    out = accepted(eng.handle(ect, C2S, T0 + 1))
+    assert P.ip_ecn(out.raw) == P.ECN_NOT_ECT and out.payload == b"abc"
+    if family == 4:  # the IP header checksum updated too: scapy computes the same
+        from scapy.layers.inet import IP
+
+        got = IP(out.raw)
+        want = got.chksum
+        del got.chksum
+        assert IP(bytes(got)).chksum == want
+    ce = with_ecn(f.c(seq + 3, synack.seq + 1, ACK | PSH, payload=b"def"), P.ECN_CE)
+    assert eng.handle(ce, C2S, T0 + 1) == [Drop("ce_unechoed")]
+    assert eng.stats.dropped["ce_unechoed"] == 1
+    plain = f.c(seq + 3, synack.seq + 1, ACK | PSH, payload=b"def")  # its retransmission: not ECT
+    assert accepted(eng.handle(plain, C2S, T0 + 1.2)).payload == b"def"
+
+
+def test_a_refusal_is_learnt_and_asked_again_a_minute_later() -> None:
+    """After a refusal no SYN-ACK agrees ECN, until ECN_RETRY has passed: then one client is
+    agreed with (the server is asked again) and its answer is learnt."""
+    eng = make_engine()
+    handshake(eng, Flow(ecn=True), server_ecn=False)
+    assert not eng.profile(4, Flow().server, 80).ecn_ok
+    later = T0 + 1
+    assert not one(eng.handle(Flow(ecn=True, cport=40001).syn(), C2S, later), "synack").flags & ECE
+    retry = T0 + 0.001 + Engine.ECN_RETRY
+    assert not one(eng.handle(Flow(ecn=True, cport=40002).syn(), C2S, retry - 0.01), "synack").flags & ECE
+    f = Flow(ecn=True, cport=40003)
+    synack = one(eng.handle(f.syn(), C2S, retry), "synack")
+    assert synack.flags & ECE  # the one client agreed with: the server is asked again
+    assert not one(eng.handle(Flow(ecn=True, cport=40004).syn(), C2S, retry + 0.5), "synack").flags & ECE
+    syn = one(eng.handle(f.c(f.client_isn + 1, synack.seq + 1, ACK, ts=(501, synack.options.ts[0])), C2S, retry + 1), "syn")
+    assert syn.flags & (ECE | CWR) == ECE | CWR
+    sa = TcpOptions(mss=1460, wscale=7, sack_ok=True, ts=(9_000_000, syn.options.ts[0]))
+    eng.handle(f.s(f.server_isn, f.client_isn + 1, SYN | ACK | ECE, 65160, opts=sa), S2C, retry + 1)
+    # the server takes ECN again: learnt from that handshake, every client is agreed with at once
+    assert eng.profile(4, Flow().server, 80).ecn_ok and eng.stats.ecn == {"refused": 1, "negotiated": 1}
+    assert one(eng.handle(Flow(ecn=True, cport=40005).syn(), C2S, retry + 2), "synack").flags & ECE
+
+
+def test_a_forged_ecn_bit_does_not_validate() -> None:
+    """The cookie carries the agreement and its MAC covers it: a client told no ECN cannot
+    turn it on by flipping the bit (nor the other way)."""
+    eng, f = make_engine(), Flow(ecn=True)
+    synack = one(eng.handle(f.syn(), C2S, T0), "synack")
+    forged = synack.seq ^ 0x100  # the ECN bit of data9, under the whitening
+    out = eng.handle(f.c(f.client_isn + 1, forged + 1, ACK), C2S, T0)
+    assert out == [Drop("cookie_invalid")]

@@ -147,19 +147,40 @@ u32 = st.integers(0, 2**32 - 1)
 @settings(max_examples=1000, deadline=None)
 @given(family=st.sampled_from([4, 6]), data=st.data(), sport=st.integers(0, 65535), dport=st.integers(0, 65535),
        seq=u32, ack=st.integers(0, 2**32), window=st.integers(0, 65535), mss=st.integers(0, 65535),
-       sack_ok=st.booleans(), wscale=st.none() | st.integers(0, 255), ts=st.none() | st.tuples(u32, u32))
+       sack_ok=st.booleans(), wscale=st.none() | st.integers(0, 255), ts=st.none() | st.tuples(u32, u32),
+       ece=st.booleans())
 def test_build_synack_is_build_byte_for_byte(
     family: int, data: st.DataObject, sport: int, dport: int, seq: int, ack: int, window: int, mss: int,
-    sack_ok: bool, wscale: int | None, ts: tuple[int, int] | None,
+    sack_ok: bool, wscale: int | None, ts: tuple[int, int] | None, ece: bool,
 ) -> None:
     n = 4 if family == 4 else 16
     src = data.draw(st.binary(min_size=n, max_size=n))
     dst = data.draw(st.binary(min_size=n, max_size=n))
-    want = P.build(family, src, dst, sport, dport, seq, ack, P.SYN | P.ACK, window,
+    want = P.build(family, src, dst, sport, dport, seq, ack, P.SYN | P.ACK | (P.ECE if ece else 0), window,
                    P.TcpOptions(mss=mss, wscale=wscale, sack_ok=sack_ok, ts=ts))
     got = P.build_synack(family, src, dst, sport, dport, seq, ack, window, mss, sack_ok, wscale,
-                         None if ts is None else ts[0], 0 if ts is None else ts[1])
+                         None if ts is None else ts[0], 0 if ts is None else ts[1], ece)
     assert got == want
+
+
+@settings(max_examples=300, deadline=None)
+@given(tos=st.integers(0, 255), ident=st.integers(0, 65535), ttl=st.integers(1, 255), v6_tc=st.integers(0, 255))
+def test_clear_ecn_keeps_the_rest_and_a_valid_header_checksum(tos: int, ident: int, ttl: int, v6_tc: int) -> None:
+    """clear_ecn's incremental IPv4 checksum is the one scapy computes afresh; DSCP stays."""
+    from scapy.layers.inet import IP, TCP
+    from scapy.layers.inet6 import IPv6
+
+    v4 = bytes(IP(src="198.18.0.2", dst="198.18.1.2", tos=tos, id=ident, ttl=ttl) / TCP(dport=80) / b"abc")
+    assert P.ip_ecn(v4) == tos & 3
+    got = IP(P.clear_ecn(v4))
+    assert got.tos == tos & 0xFC and got.id == ident and bytes(got.payload) == bytes(IP(v4).payload)
+    want = got.chksum
+    del got.chksum
+    assert IP(bytes(got)).chksum == want
+    v6 = bytes(IPv6(src="fd53:5059::2", dst="fd53:5059:1::2", tc=v6_tc, fl=0x12345) / TCP(dport=80) / b"abc")
+    assert P.ip_ecn(v6) == v6_tc & 3
+    got6 = IPv6(P.clear_ecn(v6))
+    assert got6.tc == v6_tc & 0xFC and got6.fl == 0x12345 and bytes(got6.payload) == bytes(IPv6(v6).payload)
 
 
 def test_build_synack_zero_sum_checksum_like_build() -> None:
