@@ -12,9 +12,6 @@ Life of a connection:
                             with the client's ISN and decoded options; data held.
   SYN-ACK (server)       -> ACK to the server, held data released, a window update to
                             the client; state ESTABLISHED; the SYN-ACK is stolen.
-ECN (RFC 3168) is agreed with a client that asks only while the server took it at its last
-handshake; a server that refuses it after all gets no ECN-capable packets, and CE-marked ones,
-whose mark it would not echo, are dropped (the loss the mark stands for).
   everything after       -> translated both ways: seq/ack, SACK blocks, TSval/TSecr,
                             window values rescaled between the two window scales.
   FIN both ways, RST,    -> state removed (after a short linger for retransmissions).
@@ -23,6 +20,9 @@ A client's RST counts only as the server would take it (RFC 5961): out of the wi
 server last announced it is dropped; in it but not at the next expected sequence number it
 is passed on and the server asked (a keepalive-style probe) whether its socket is still there;
 so a blind spoofer cannot end the proxy's half of a connection the server keeps.
+ECN (RFC 3168) is agreed with a client that asks only while the server took it at its last
+handshake; a server that refuses it after all gets no ECN-capable packets, and CE-marked ones,
+whose mark it would not echo, are dropped (the loss the mark stands for).
 """
 
 from __future__ import annotations
@@ -659,10 +659,10 @@ class Engine:
     # an out-of-window segment at most every 500 ms), up to RESET_PROBES times this far apart;
     # no answer to any of them counts as the socket being gone.
     RESET_PROBE_DELAY = 1.0
+    RESET_PROBES = 2
     # A server that refused ECN is asked again this long after, by agreeing ECN with the next
     # client that asks: if it still refuses, that one connection goes without (ecn_unechoed).
     ECN_RETRY = 60.0
-    RESET_PROBES = 2
 
     def next_deadline(self) -> float | None:
         """When `handle_timer` should next be called (None: no timers)."""
