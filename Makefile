@@ -48,12 +48,14 @@ demo: install
 	@$(VENV)/bin/synproxy demo
 
 # Micro-benchmark (per SYN/ACK/segment), the flood benchmark against the kernel's defences, and
-# an established download during a flood, and new connections beside downloads under a paced flood.
+# an established download during a flood, and new connections beside downloads under a paced flood,
+# and downloads behind a congested link that marks or drops (ECN).
 bench: install
 	@$(PY) bench/bench_syn.py
 	@$(PY) bench/flood.py
 	@$(PY) bench/download_flood.py
 	@$(PY) bench/mixed_flood.py
+	@$(PY) bench/ecn_aqm.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info
