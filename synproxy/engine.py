@@ -424,9 +424,10 @@ class Engine:
         # window scale advertised per server and cookie slot: the cookie has no room
         # for it, and the translation must know what the client was told.
         self._advertised_wscale: dict[tuple[ServerKey, int], int] = {}
-        # When a server that refused ECN is asked again: ECN_RETRY after its refusal, so
-        # one switched back on (net.ipv4.tcp_ecn) is noticed at run time.
-        self._ecn_retry_at: dict[ServerKey, float] = {}
+        # When a server that declined an option clients offer (SACK, timestamps, ECN) is
+        # offered it again: DECLINED_RETRY after, so a server whose sysctls switched it back
+        # on (net.ipv4.tcp_sack, tcp_timestamps, tcp_ecn) is noticed at run time.
+        self._retry_at: dict[ServerKey, float] = {}
         self._timers: list[tuple[float, ConnKey]] = []
         # Idle expiry of established connections: an incremental sweep over a
         # snapshot of the keys, so they need no timer entry each.
@@ -593,9 +594,12 @@ class Engine:
         if plan is None:
             plan = self._synack_plan(skey)
         window, our_mss, our_sack, our_ts, our_ecn = plan
+        if not (our_sack and our_ts and our_ecn) and (
+            (sack_ok and not our_sack) or (tsval is not None and not our_ts) or (ecn and not our_ecn)
+        ) and self._retry_due(skey, now):
+            our_sack = our_ts = our_ecn = True  # this client's handshake asks the server again
         sack = sack_ok and our_sack
-        if ecn and not our_ecn:
-            ecn = self._ecn_retry_due(skey, now)
+        ecn = ecn and our_ecn
         cookies = self.cookies
         cookie = cookies.make_for_syn(family, src, dst, sport, dport, seq, mss, wscale, sack, ecn, now)
         if wscale is not None:
@@ -607,13 +611,13 @@ class Engine:
         stats.synack_sent += 1
         return [_SYN_ANSWERED, Send(family, src, synack, Direction.FROM_SERVER, "synack")]
 
-    def _ecn_retry_due(self, skey: ServerKey, now: float) -> bool:
-        """Whether to agree ECN with a client although the server refused it last time:
-        once per ECN_RETRY (the next try is due ECN_RETRY after this one)."""
-        retry_at = self._ecn_retry_at.get(skey)
+    def _retry_due(self, skey: ServerKey, now: float) -> bool:
+        """Whether to agree to options a server declined last time with this client: once
+        per DECLINED_RETRY (the next try is due DECLINED_RETRY after this one)."""
+        retry_at = self._retry_at.get(skey)
         if retry_at is not None and now < retry_at:
             return False
-        self._ecn_retry_at[skey] = now + self.ECN_RETRY
+        self._retry_at[skey] = now + self.DECLINED_RETRY
         return True
 
     def _synack_plan(self, skey: ServerKey) -> SynAckPlan:
@@ -660,9 +664,11 @@ class Engine:
     # no answer to any of them counts as the socket being gone.
     RESET_PROBE_DELAY = 1.0
     RESET_PROBES = 2
-    # A server that refused ECN is asked again this long after, by agreeing ECN with the next
-    # client that asks: if it still refuses, that one connection goes without (ecn_unechoed).
-    ECN_RETRY = 60.0
+    # A server that declined SACK, timestamps or ECN is offered them again this long after, by
+    # agreeing them with the next client that offers one: if it still declines, that one
+    # connection goes without (harmless for SACK and timestamps, which each side then ignores;
+    # for ECN see Shape.ecn_unechoed).
+    DECLINED_RETRY = 60.0
 
     def next_deadline(self) -> float | None:
         """When `handle_timer` should next be called (None: no timers)."""
@@ -734,7 +740,7 @@ class Engine:
             self.stats.evicted["profiles"] += len(self._profiles)
             self._profiles.clear()  # bounded; only validated handshakes ever add entries
             self._synack_plans.clear()
-            self._ecn_retry_at.clear()
+            self._retry_at.clear()
         self._profiles[(family, server, port)] = profile
         self._synack_plans.pop((family, server, port), None)
 
@@ -1084,8 +1090,9 @@ class Engine:
         if hs.ecn:  # an ECN-setup SYN-ACK has ECE without CWR (RFC 3168 6.1.1)
             server_ecn = pkt.flags & _ECN_SETUP == ECE
             self.stats.ecn["negotiated" if server_ecn else "refused"] += 1
-            if not server_ecn:
-                self._ecn_retry_at[(family, server, sport)] = now + self.ECN_RETRY
+        if (not server_ecn and hs.ecn or hs.sack_ok and not opts.sack_ok
+                or offered_ts and opts.ts is None):  # declined: offered again DECLINED_RETRY from now
+            self._retry_at[(family, server, sport)] = now + self.DECLINED_RETRY
         shape = self._shape(replace(
             shape, ts=offered_ts and opts.ts is not None,
             server_recv_shift=server_recv_shift, server_send_shift=server_send_shift,

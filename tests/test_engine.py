@@ -815,14 +815,14 @@ def test_a_server_that_refuses_ecn_gets_no_ecn_capable_packets_and_ce_becomes_a_
 
 
 def test_a_refusal_is_learnt_and_asked_again_a_minute_later() -> None:
-    """After a refusal no SYN-ACK agrees ECN, until ECN_RETRY has passed: then one client is
+    """After a refusal no SYN-ACK agrees ECN, until DECLINED_RETRY has passed: then one client is
     agreed with (the server is asked again) and its answer is learnt."""
     eng = make_engine()
     handshake(eng, Flow(ecn=True), server_ecn=False)
     assert not eng.profile(4, Flow().server, 80).ecn_ok
     later = T0 + 1
     assert not one(eng.handle(Flow(ecn=True, cport=40001).syn(), C2S, later), "synack").flags & ECE
-    retry = T0 + 0.001 + Engine.ECN_RETRY
+    retry = T0 + 0.001 + Engine.DECLINED_RETRY
     assert not one(eng.handle(Flow(ecn=True, cport=40002).syn(), C2S, retry - 0.01), "synack").flags & ECE
     f = Flow(ecn=True, cport=40003)
     synack = one(eng.handle(f.syn(), C2S, retry), "synack")
@@ -845,3 +845,32 @@ def test_a_forged_ecn_bit_does_not_validate() -> None:
     forged = synack.seq ^ 0x100  # the ECN bit of data9, under the whitening
     out = eng.handle(f.c(f.client_isn + 1, forged + 1, ACK), C2S, T0)
     assert out == [Drop("cookie_invalid")]
+
+
+def connect_to_a_server(eng: Engine, f: Flow, now: float, sack: bool, ts: bool) -> tuple[P.Packet, P.Packet]:
+    """A handshake whose server takes SACK and timestamps only if told to; (SYN-ACK, SYN)."""
+    synack = one(eng.handle(f.syn(), C2S, now), "synack")
+    ack_ts = (f.client_tsval + 1, synack.options.ts[0]) if synack.options.ts else None
+    syn = one(eng.handle(f.c(f.client_isn + 1, synack.seq + 1, ACK, ts=ack_ts), C2S, now), "syn")
+    sa = TcpOptions(mss=1460, wscale=7, sack_ok=sack and syn.options.sack_ok,
+                    ts=(9_000_000, syn.options.ts[0]) if ts and syn.options.ts else None)
+    eng.handle(f.s(f.server_isn, f.client_isn + 1, SYN | ACK, 65160, opts=sa), S2C, now)
+    return synack, syn
+
+
+@pytest.mark.parametrize("option", ["sack", "ts"])
+def test_a_declined_option_is_offered_again_a_minute_later(option: str) -> None:
+    """A server that declined SACK or timestamps (net.ipv4.tcp_sack / tcp_timestamps = 0) is
+    not offered them, so it could never be seen taking them again: DECLINED_RETRY later one
+    client is agreed with, and the server's answer is learnt."""
+    def has(pkt: P.Packet) -> bool:
+        return pkt.options.sack_ok if option == "sack" else pkt.options.ts is not None
+
+    eng = make_engine()
+    connect_to_a_server(eng, Flow(), T0, sack=option != "sack", ts=option != "ts")
+    assert not has(one(eng.handle(Flow(cport=40001).syn(), C2S, T0 + 1), "synack"))
+    retry = T0 + Engine.DECLINED_RETRY
+    assert not has(one(eng.handle(Flow(cport=40002).syn(), C2S, retry - 0.01), "synack"))
+    synack, syn = connect_to_a_server(eng, Flow(cport=40003), retry, sack=True, ts=True)  # switched back on
+    assert has(synack) and has(syn)
+    assert has(one(eng.handle(Flow(cport=40004).syn(), C2S, retry + 1), "synack"))
