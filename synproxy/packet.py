@@ -49,7 +49,6 @@ _pack_ipv6 = struct.Struct("!IHBB16s16s").pack
 _pack_u32 = struct.Struct("!I").pack_into
 _pack_u16 = struct.Struct("!H").pack_into
 _unpack_u32 = struct.Struct("!I").unpack_from
-_unpack_u16 = struct.Struct("!H").unpack_from
 _unpack_ts = struct.Struct("!II").unpack_from
 _pack_v4_tcp = struct.Struct("!BBHHHBBH4s4sHHIIBBHHH").pack
 _pack_v6_tcp = struct.Struct("!IHBB16s16sHHIIBBHHH").pack
@@ -388,15 +387,9 @@ def clear_ecn(data: bytes) -> bytes:
     """The packet marked not ECN-capable (its IPv4 header checksum updated)."""
     buf = bytearray(data)
     if buf[0] >> 4 == 4:
-        old = buf[1]
-        buf[1] = old & 0xFC
-        # RFC 1624: HC' = ~(~HC + ~m + m') over the 16-bit word holding the TOS byte
-        word_old, word_new = buf[0] << 8 | old, buf[0] << 8 | buf[1]
-        csum = _unpack_u16(buf, 10)[0]
-        total = (~csum & 0xFFFF) + (~word_old & 0xFFFF) + word_new
-        total = (total & 0xFFFF) + (total >> 16)
-        total = (total & 0xFFFF) + (total >> 16)
-        _pack_u16(buf, 10, ~total & 0xFFFF)
+        buf[1] &= 0xFC
+        buf[10] = buf[11] = 0
+        _pack_u16(buf, 10, ipv4_checksum(buf[:(buf[0] & 0x0F) * 4]))  # options included
     else:
         buf[1] &= 0xCF
     return bytes(buf)

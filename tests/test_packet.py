@@ -164,13 +164,18 @@ def test_build_synack_is_build_byte_for_byte(
 
 
 @settings(max_examples=300, deadline=None)
-@given(tos=st.integers(0, 255), ident=st.integers(0, 65535), ttl=st.integers(1, 255), v6_tc=st.integers(0, 255))
-def test_clear_ecn_keeps_the_rest_and_a_valid_header_checksum(tos: int, ident: int, ttl: int, v6_tc: int) -> None:
-    """clear_ecn's incremental IPv4 checksum is the one scapy computes afresh; DSCP stays."""
-    from scapy.layers.inet import IP, TCP
+@given(tos=st.integers(0, 255), ident=st.integers(0, 65535), ttl=st.integers(1, 255), v6_tc=st.integers(0, 255),
+       ip_options=st.booleans())
+def test_clear_ecn_keeps_the_rest_and_a_valid_header_checksum(
+    tos: int, ident: int, ttl: int, v6_tc: int, ip_options: bool,
+) -> None:
+    """clear_ecn's IPv4 header checksum (options included) is the one scapy computes; DSCP stays."""
+    from scapy.layers.inet import IP, TCP, IPOption
     from scapy.layers.inet6 import IPv6
 
-    v4 = bytes(IP(src="198.18.0.2", dst="198.18.1.2", tos=tos, id=ident, ttl=ttl) / TCP(dport=80) / b"abc")
+    opts = [IPOption(b"\x01\x01\x01\x00")] if ip_options else []  # NOP NOP NOP EOL
+    v4 = bytes(IP(src="198.18.0.2", dst="198.18.1.2", tos=tos, id=ident, ttl=ttl, options=opts)
+               / TCP(dport=80) / b"abc")
     assert P.ip_ecn(v4) == tos & 3
     got = IP(P.clear_ecn(v4))
     assert got.tos == tos & 0xFC and got.id == ident and bytes(got.payload) == bytes(IP(v4).payload)
