@@ -943,11 +943,13 @@ class Engine:
             tsecr=(ts[1] + (offsets >> 32)) & U32 if ts is not None and shape.ts else None,
             sack_delta=-offsets & U32,
         )
-        if shape.ecn_unechoed and P.ip_ecn(out):
-            if P.ip_ecn(out) == P.ECN_CE:
+        if shape.ecn_unechoed:
+            codepoint = P.ip_ecn(out)
+            if codepoint == P.ECN_CE:
                 self.stats.dropped["ce_unechoed"] += 1
                 return [_CE_UNECHOED]
-            out = P.clear_ecn(out)
+            if codepoint != P.ECN_NOT_ECT:
+                out = P.clear_ecn(out)
         if not pkt.flags & RST or not isinstance(conn, ResetConn):  # a RST that may not count closes nothing yet
             self._track_close(key, conn, pkt, Direction.FROM_CLIENT, now)
         self.stats.translated += 1
