@@ -6,9 +6,19 @@ direction's segments where the network would: on the receiving host, before anyt
 SACK blocks (in the sequence space the proxy gave it) must reach the server translated into
 the server's; uploads lose client data at the server host, so the server's SACK blocks
 reach the client. Either end's TCP counts a SACK block it finds invalid
-(TcpExtTCPSACKDiscard, TcpExtTCPDSACKIgnoredOld) and a segment it drops for an old
-timestamp (TcpExtPAWSEstab); a translation error in either shows there, or as recovery by
-retransmission timeouts instead of SACK, long before it would corrupt data.
+(TcpExtTCPSACKDiscard) and a segment it drops for an old timestamp (TcpExtPAWSEstab); a
+translation error in either shows there, or as recovery by retransmission timeouts instead of
+SACK, long before it would corrupt data.
+
+A duplicate-SACK block the sender ignores as older than its current recovery
+(TcpExtTCPDSACKIgnoredOld) is not such a sign: every SACK block of a connection is translated by
+the same offset, so an error would fail the hundreds of ordinary blocks too, and it is timing: the
+duplicate's report arrives after a newer recovery began (or, outside recovery, Linux's check
+compares with an undo marker of 0, so it depends on where the sequence numbers lie). Over 80
+gateway downloads through the proxy (2026-12-03) the server got 608 duplicate-SACK blocks, 126
+of them ignored as old, none of the ordinary blocks discarded; they came in bursts (18 in one
+download, 9 ignored) with valid ones among them, which an offset error cannot give. The check
+once failed CI with one of them.
 """
 
 from __future__ import annotations
@@ -25,7 +35,7 @@ pytestmark = pytest.mark.e2e
 
 SIZE = 20_000_000
 LOSS = "0.02"
-INVALID = ("TcpExtTCPSACKDiscard", "TcpExtTCPDSACKIgnoredOld", "TcpExtPAWSEstab")
+INVALID = ("TcpExtTCPSACKDiscard", "TcpExtPAWSEstab")
 
 
 @pytest.fixture(scope="module", params=["local", "gateway"])
