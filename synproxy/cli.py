@@ -342,6 +342,12 @@ def _limit_options(func: Any) -> Any:
 @click.option("--idle-timeout", type=FiniteRange(1), default=7440.0, show_default=True,
               envvar="SYNPROXY_IDLE_TIMEOUT", show_envvar=True,
               help="Seconds an established connection may be idle before its state is dropped.")
+@click.option("--synack-retries", type=click.IntRange(0, 5), default=2, show_default=True,
+              envvar="SYNPROXY_SYNACK_RETRIES", show_envvar=True,
+              help="Resends of an unanswered SYN-ACK, 1 s, 3 s, 7 s ... after it, as a server's TCP does: a "
+                   "client whose ACK was lost then answers again (where the server speaks first, as in SMTP, "
+                   "nothing else completes the connection). Only the last 4096 SYN-ACKs per retry are kept, so "
+                   "a flood gets none resent (0 = never).")
 @click.option("--overload-backlog", type=click.IntRange(0, 1023), default=512, show_default=True,
               envvar="SYNPROXY_OVERLOAD_BACKLOG", show_envvar=True,
               help="Once a worker's 1024-SYN queue has been full (the kernel dropped SYNs, or with --queue-bypass "
@@ -355,7 +361,8 @@ def run(
     ports: tuple[int, ...], queue: int, workers: int, worker_index: int | None, mode: str, wscale: int | None,
     mss: int | None, key_file: Path, metrics_addr: str, mark: int, install_rules: bool, queue_bypass: bool,
     queue_binding: str,
-    rules_backend: str | None, backend_timeout: float, idle_timeout: float, overload_backlog: int, **limits: Any,
+    rules_backend: str | None, backend_timeout: float, idle_timeout: float, synack_retries: int,
+    overload_backlog: int, **limits: Any,
 ) -> None:
     """Run the proxy until SIGTERM or Ctrl-C (rules installed at start, removed on a clean stop;
     rules an operator installed with `rules install` stay).
@@ -399,7 +406,8 @@ def run(
         key_file=key_file, metrics_addr=None if metrics_addr == "off" else metrics_addr, mark=mark,
         install_rules=install_rules, queue_bypass=queue_bypass, queue_binding=queue_binding,
         rules_backend=rules_backend,
-        backend_timeout=backend_timeout, idle_timeout=idle_timeout, overload_backlog=overload_backlog,
+        backend_timeout=backend_timeout, idle_timeout=idle_timeout, synack_retries=synack_retries,
+        overload_backlog=overload_backlog,
         limits=limit_cfg,
     )
     try:

@@ -62,6 +62,7 @@ class RunOptions:
     rules_backend: str | None = None
     backend_timeout: float = 3.0
     idle_timeout: float = 7440.0
+    synack_retries: int = 2  # resends of an unanswered SYN-ACK (see Engine.RESEND_SLOTS)
     overload_backlog: int = 512  # SYNs waiting at which a worker sheds first attempts (0 = never)
     limits: LimitsConfig = LimitsConfig()
 
@@ -73,6 +74,7 @@ def build_engine(opts: RunOptions, keyring: KeyRing) -> Engine:
         mss=opts.mss,
         backend_timeout=opts.backend_timeout,
         idle_timeout=opts.idle_timeout,
+        synack_retries=opts.synack_retries,
         ts_base=secrets.randbits(32),
         limits=opts.limits,
         max_packet=Binding(opts.queue_binding).copy_range,

@@ -37,6 +37,7 @@ from typing import ClassVar
 from . import packet as P
 from .cookie import CookieMaker, CookieMatch, CookieOptions
 from .limits import Limits, LimitsConfig, RetryMemory, Shed
+from .resend import ResendRing
 from .packet import ACK, CWR, ECE, FIN, RST, SYN, Packet, PacketError, TcpOptions
 
 U32 = 0xFFFFFFFF
@@ -160,6 +161,7 @@ class EngineConfig:
     idle_timeout: float = 7440.0  # established and idle: keepalive default 7200 s + probes
     closing_linger: float = 10.0  # after FIN both ways or RST
     pending_buffer_bytes: int = 65536  # client data held per connection during the backend handshake
+    synack_retries: int = 2  # resends of an unanswered SYN-ACK, 1 s then 2 s, 4 s ... apart (0: none)
     max_packet: int = MAX_PACKET  # largest packet the queue hands over whole; caps every MSS announced
     ts_base: int = 0  # offset of the proxy's TSval clock (random in the daemon)
     limits: LimitsConfig = LimitsConfig()
@@ -175,6 +177,8 @@ class EngineConfig:
             raise ValueError(f"max_packet must be {536 + HEADERS_WITHOUT_OPTIONS}..{MAX_PACKET}, got {self.max_packet}")
         if not self.idle_timeout > 0:
             raise ValueError(f"idle timeout must be > 0, got {self.idle_timeout}")
+        if not 0 <= self.synack_retries <= 5:
+            raise ValueError(f"SYN-ACK retries must be 0..5, got {self.synack_retries}")
 
     @property
     def max_mss(self) -> int:
@@ -226,11 +230,20 @@ _pack_key_v4 = struct.Struct("!4s4sHH").pack
 _pack_key_v6 = struct.Struct("!16s16sHH").pack
 _unpack_key_v4 = struct.Struct("!4s4sHH").unpack
 _unpack_key_v6 = struct.Struct("!16s16sHH").unpack
+_unpack_ports = struct.Struct("!HH").unpack_from
 
 
 def conn_key(family: int, client: bytes, server: bytes, cport: int, sport: int) -> ConnKey:
     """The key of the connection between these two ends."""
     return (_pack_key_v4 if family == 4 else _pack_key_v6)(client, server, cport, sport)
+
+
+def _synack_tuple(synack: bytes) -> tuple[int, bytes, bytes, int, int]:
+    """family, source (the server), destination (the client), source port, destination port
+    of a SYN-ACK the proxy built (no IPv4 options, no IPv6 extension headers)."""
+    if synack[0] >> 4 == 4:
+        return 4, synack[12:16], synack[16:20], *_unpack_ports(synack, 20)
+    return 6, synack[8:24], synack[24:40], *_unpack_ports(synack, 40)
 
 
 def split_key(key: ConnKey) -> tuple[int, bytes, int, bytes, int]:
@@ -398,6 +411,7 @@ class Stats:
     shed: Counter[str] = field(default_factory=Counter)  # caps and rate limits
     evicted: Counter[str] = field(default_factory=Counter)  # bounded tables
     retries_answered: int = 0  # SYNs let through under overload because they repeated a shed one
+    synack_resent: int = 0  # SYN-ACKs sent again because no ACK had come
     client_resets: Counter[str] = field(default_factory=Counter)  # what became of clients' RSTs
     icmp_too_big: Counter[str] = field(default_factory=Counter)  # translated/not_held/not_proxied
     ecn: Counter[str] = field(default_factory=Counter)  # server handshakes asked for ECN: negotiated/refused
@@ -440,6 +454,11 @@ class Engine:
         # one shed earlier (a retransmission); others are shed and remembered (RetryMemory).
         self.overloaded = False
         self.retries = RetryMemory()
+        # The SYN-ACKs waiting for their first, second ... resend (see RESEND_SLOTS), and how
+        # many more may be kept until _resend_second_ends.
+        self._resends = [ResendRing(self.RESEND_SLOTS) for _ in range(config.synack_retries)]
+        self._resend_budget = 0
+        self._resend_second_ends = float("-inf")
         # IPv6 headers are 20 bytes longer: the same link gives a 20 bytes smaller MSS.
         d = config.default_profile
         self._default_v6 = replace(d, mss=d.mss - 20)
@@ -609,6 +628,8 @@ class Engine:
             self._ts_clock(now) if tsval is not None and our_ts else None, tsval or 0, ecn,
         )
         stats.synack_sent += 1
+        if self._resends:
+            self._keep_for_resend(synack, now)
         return [_SYN_ANSWERED, Send(family, src, synack, Direction.FROM_SERVER, "synack")]
 
     def _retry_due(self, skey: ServerKey, now: float) -> bool:
@@ -669,10 +690,20 @@ class Engine:
     # connection goes without (harmless for SACK and timestamps, which each side then ignores;
     # for ECN see Shape.ecn_unechoed).
     DECLINED_RETRY = 60.0
+    # An unanswered SYN-ACK is sent again (see synproxy/resend.py), from a ring of the last
+    # RESEND_SLOTS per retry (96 bytes each, allocated once): more than RESEND_SLOTS SYNs in a
+    # second are a flood, which empties the rings, so a flood gets none resent and the proxy's
+    # reflection stays one SYN-ACK per SYN.
+    RESEND_SLOTS = 4096
+    RESEND_FIRST = 1.0  # seconds; each later resend waits twice as long as the one before
 
     def next_deadline(self) -> float | None:
         """When `handle_timer` should next be called (None: no timers)."""
         at = self._timers[0][0] if self._timers else None
+        for ring in self._resends:
+            due = ring.next_due()
+            if due is not None and (at is None or due < at):
+                at = due
         if self.limits.established or self._sweep_keys:
             at = self._sweep_at if at is None else min(at, self._sweep_at)
         forget = self.retries.forget_at  # the overload's memory, freed when it is too old
@@ -681,8 +712,8 @@ class Engine:
         return at
 
     def handle_timer(self, now: float) -> list[Action]:
-        """Run every timer due at `now`: SYN resends, give-ups, idle and linger expiry, and
-        freeing the overload's memory of shed SYNs once it is too old to matter."""
+        """Run every timer due at `now`: SYN-ACK and SYN resends, give-ups, idle and linger expiry,
+        and freeing the overload's memory of shed SYNs once it is too old to matter."""
         out: list[Action] = []
         timers = self._timers
         while timers and timers[0][0] <= now:
@@ -691,10 +722,47 @@ class Engine:
             if not isinstance(conn, PendingConn | ClosingConn | ResetConn) or conn.deadline != at:
                 continue  # stale entry: the connection is gone, moved on or re-armed
             out.extend(self._expire(key, conn, now))
+        if self._resends:
+            self._resend_synacks(now, out)
         if now >= self._sweep_at and (self.limits.established or self._sweep_keys):
             self._sweep(now)
         self.retries.forget_old(now)
         return out
+
+    def _keep_for_resend(self, synack: bytes, now: float) -> None:
+        """Keep a SYN-ACK for its first resend, unless this second has seen more SYNs than a
+        ring holds: a flood, whose SYN-ACKs would be overwritten before they are due anyway.
+        Then the rings are emptied and nothing more is kept until the second ends."""
+        if now >= self._resend_second_ends:
+            self._resend_second_ends = now + 1.0
+            self._resend_budget = self.RESEND_SLOTS
+        if self._resend_budget:
+            self._resend_budget -= 1
+            self._resends[0].push(now + self.RESEND_FIRST, synack)
+            if not self._resend_budget:
+                for ring in self._resends:
+                    ring.clear()
+
+    def _resend_synacks(self, now: float, out: list[Action]) -> None:
+        """Send again each due SYN-ACK whose client has not answered (no state for its tuple
+        here), within the SYN-ACK rate limits, and keep it for the next retry."""
+        rings = self._resends
+        limits = self.limits
+        for retry, ring in enumerate(rings):
+            later = rings[retry + 1] if retry + 1 < len(rings) else None
+            due = ring.next_due()
+            while due is not None and due <= now:
+                synack = ring.pop()
+                due = ring.next_due()
+                family, server, client, sport, cport = _synack_tuple(synack)
+                if conn_key(family, client, server, cport, sport) in self.conns:
+                    continue  # answered (or answered and already closed again here)
+                if limits.check_syn(limits.source_key(family, client), now) is not None:
+                    continue  # the rate limits and caps count resends like first answers
+                self.stats.synack_resent += 1
+                out.append(Send(family, client, synack, Direction.FROM_SERVER, "synack_resend"))
+                if later is not None:
+                    later.push(now + self.RESEND_FIRST * 2 ** (retry + 1), synack)
 
     def _sweep(self, now: float) -> None:
         """Expire idle established connections, a batch at a time."""

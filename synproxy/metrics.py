@@ -92,6 +92,8 @@ class SynproxyCollector(Collector):
                                 "port: metrics port + worker index", value=self.workers)
         yield _counter("synproxy_syn_received", "SYNs seen from clients", st.syn_received)
         yield _counter("synproxy_synack_sent", "Cookie SYN-ACKs sent to clients", st.synack_sent)
+        yield _counter("synproxy_synack_resent", "SYN-ACKs sent again because no ACK had come (--synack-retries)",
+                       st.synack_resent)
         yield _counter("synproxy_ack_valid", "Client ACKs whose cookie validated", st.ack_valid)
         yield _labelled("synproxy_ack_invalid", "Client ACKs without state whose cookie failed", "reason", st.ack_invalid)
         yield _labelled(

@@ -119,6 +119,50 @@ def test_lost_third_ack_completes_quickly(px: Proxied, family: int) -> None:
     assert float(res["seconds"]) < 1.5, res  # kernel SYNPROXY: hung, nothing delivered after 7 s
 
 
+BANNER_SERVER = (
+    "import socket,sys,threading\n"
+    "s=socket.socket(socket.AF_INET6); s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)\n"
+    "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('::', int(sys.argv[1]))); s.listen(16)\n"
+    "while True:\n"
+    "  c, _ = s.accept(); c.sendall(b'220 legacy ready\\r\\n'); threading.Timer(30, c.close).start()\n"
+)
+READ_GREETING = (
+    "import socket,sys,time\n"
+    "t0=time.monotonic(); s=socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=8)\n"
+    "try: print(s.recv(100).decode().strip(), round(time.monotonic()-t0, 2))\n"
+    "except OSError as e: print(type(e).__name__, round(time.monotonic()-t0, 2))\n"
+)
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_lost_third_ack_where_the_server_speaks_first(px: Proxied, family: int) -> None:
+    """SMTP, FTP, POP3: the client sends nothing until the server's greeting, so after its ACK is
+    lost only a resent SYN-ACK gets it to answer again. Direct, the server's TCP resends after
+    1 s; before synproxy resent SYN-ACKs the client waited for the greeting until it gave up
+    (8 s here; so it did behind kernel SYNPROXY, measured the same way on 2026-12-03)."""
+    px.lab.run("server", ["pkill", "-f", f"sink --port {SINK_PORT}"], check=False)
+    if eventually(lambda: listening(px.lab, SINK_PORT), lambda up: not up, 5, interval=0.05):
+        raise RuntimeError("the sink still listens")
+    banner = px.lab.popen("server", [PYTHON, "-c", BANNER_SERVER, str(SINK_PORT)])
+    try:
+        wait_listening(px.lab, SINK_PORT)
+        resent = px.metrics()["synproxy_synack_resent_total"]
+        added = [drop_once(px, family, "ACK", (20 if family == 4 else 40) + 32)]
+        try:
+            res = px.lab.run("client", [PYTHON, "-c", READ_GREETING, px.server_addr(family), str(SINK_PORT)],
+                             timeout=30)
+        finally:
+            undo(px, added)
+        words = res.stdout.split()
+        assert words[:3] == ["220", "legacy", "ready"], res.stdout
+        assert 0.9 < float(words[-1]) < 2.0, res.stdout  # the resend after 1 s
+        assert px.metrics()["synproxy_synack_resent_total"] == resent + 1
+    finally:
+        banner.kill()
+        banner.wait(5)
+        restart_sink(px)
+
+
 # ---------------------------------------------------------------- case 4: data on the ACK, TFO
 
 

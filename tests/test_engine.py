@@ -874,3 +874,83 @@ def test_a_declined_option_is_offered_again_a_minute_later(option: str) -> None:
     synack, syn = connect_to_a_server(eng, Flow(cport=40003), retry, sack=True, ts=True)  # switched back on
     assert has(synack) and has(syn)
     assert has(one(eng.handle(Flow(cport=40004).syn(), C2S, retry + 1), "synack"))
+
+
+# ------------------------------------------------------------------ SYN-ACK resends
+
+
+def due_resends(eng: Engine, now: float) -> list[P.Packet]:
+    return [P.parse(s.data) for s in sends(eng.handle_timer(now), "synack_resend")]
+
+
+def test_an_unanswered_synack_is_sent_again_after_1_and_3_s() -> None:
+    """As a server's TCP would: a client whose ACK was lost answers again (where the server
+    speaks first, nothing else would complete the connection)."""
+    eng, f = make_engine(), Flow()
+    synack = one(eng.handle(f.syn(), C2S, T0), "synack")
+    assert eng.next_deadline() == T0 + 1.0
+    assert due_resends(eng, T0 + 0.99) == []
+    again = due_resends(eng, T0 + 1.0)
+    assert [p.raw for p in again] == [synack.raw]  # the same cookie: either ACK validates
+    assert eng.next_deadline() == T0 + 3.0
+    assert [p.raw for p in due_resends(eng, T0 + 3.0)] == [synack.raw]
+    assert due_resends(eng, T0 + 100) == [] and eng.next_deadline() is None  # two retries by default
+    assert eng.stats.synack_resent == 2 and eng.stats.synack_sent == 1
+    out = eng.handle(f.c(f.client_isn + 1, synack.seq + 1, ACK, ts=(501, synack.options.ts[0])), C2S, T0 + 3.1)
+    one(out, "syn")  # the ACK to the resent SYN-ACK validates
+
+
+def test_an_answered_synack_is_not_sent_again() -> None:
+    eng, f = make_engine(), Flow()
+    handshake(eng, f)
+    assert due_resends(eng, T0 + 1.0) == []
+    eng2, f2 = make_engine(), Flow(family=6)
+    synack = one(eng2.handle(f2.syn(), C2S, T0), "synack")
+    eng2.handle(f2.c(f2.client_isn + 1, synack.seq + 1, ACK, ts=(501, synack.options.ts[0])), C2S, T0 + 0.1)
+    assert due_resends(eng2, T0 + 1.0) == []  # pending counts as answered
+
+
+def test_synack_retries_are_configurable_and_zero_turns_them_off() -> None:
+    eng, f = make_engine(synack_retries=0), Flow()
+    one(eng.handle(f.syn(), C2S, T0), "synack")
+    assert eng.next_deadline() is None and due_resends(eng, T0 + 100) == []
+    eng = make_engine(synack_retries=4)
+    one(eng.handle(f.syn(), C2S, T0), "synack")
+    got = [len(due_resends(eng, T0 + t)) for t in (1.0, 3.0, 7.0, 15.0, 31.0)]
+    assert got == [1, 1, 1, 1, 0]
+    with pytest.raises(ValueError):
+        make_engine(synack_retries=6)
+
+
+def test_a_flood_gets_no_synack_resent() -> None:
+    """More SYNs in a second than a ring holds are a flood: the rings are emptied and that second
+    keeps no more, so the proxy still sends one SYN-ACK per SYN, no more (and a flood costs a
+    counter per SYN, not a copy)."""
+    eng = make_engine()
+    rate = 2 * Engine.RESEND_SLOTS  # SYNs a second, for 3 s, the timers run every 10 ms
+    resent = 0
+    for i in range(3 * rate):
+        now = T0 + i / rate
+        f = Flow(cport=1024 + i % 60000, client_isn=i)
+        f.client = bytes([198, 20 + i // 65536, i >> 8 & 0xFF, i & 0xFF])
+        eng.handle(f.syn(), C2S, now)
+        if i % (rate // 100) == 0:
+            resent += len(due_resends(eng, now))
+    assert eng.stats.synack_sent == 3 * rate and resent == 0 == eng.stats.synack_resent
+    assert due_resends(eng, T0 + 10) == []  # nor after it: a flood's second keeps nothing
+    f = Flow()
+    one(eng.handle(f.syn(), C2S, T0 + 20), "synack")  # a quiet second keeps its SYN-ACKs again
+    assert len(due_resends(eng, T0 + 21)) == 1
+
+
+def test_synack_resends_count_against_the_synack_rate_limit() -> None:
+    from synproxy.limits import LimitsConfig
+
+    """A spoofed SYN's resends go to its victim too: the per-source bucket counts them."""
+    eng, f = make_engine(limits=LimitsConfig(synack_rate_per_source=0.1, synack_burst_per_source=1)), Flow()
+    one(eng.handle(f.syn(), C2S, T0), "synack")  # takes the one token
+    assert due_resends(eng, T0 + 1.0) == [] and due_resends(eng, T0 + 3.0) == []  # 0.1, 0.3 tokens
+    assert eng.stats.synack_resent == 0
+    roomy = make_engine(limits=LimitsConfig(synack_rate_per_source=1.0, synack_burst_per_source=1))
+    one(roomy.handle(f.syn(), C2S, T0), "synack")
+    assert len(due_resends(roomy, T0 + 1.0)) == 1  # a token again after 1 s
