@@ -412,6 +412,7 @@ class Stats:
     evicted: Counter[str] = field(default_factory=Counter)  # bounded tables
     retries_answered: int = 0  # SYNs let through under overload because they repeated a shed one
     synack_resent: int = 0  # SYN-ACKs sent again because no ACK had come
+    synack_resends_skipped: int = 0  # due resends beyond the allowance (Engine.RESEND_FLOOR)
     client_resets: Counter[str] = field(default_factory=Counter)  # what became of clients' RSTs
     icmp_too_big: Counter[str] = field(default_factory=Counter)  # translated/not_held/not_proxied
     ecn: Counter[str] = field(default_factory=Counter)  # server handshakes asked for ECN: negotiated/refused
@@ -459,6 +460,10 @@ class Engine:
         self._resends = [ResendRing(self.RESEND_SLOTS) for _ in range(config.synack_retries)]
         self._resend_budget = 0
         self._resend_second_ends = float("-inf")
+        # Resends still allowed until _allowance_second_ends (see RESEND_FLOOR).
+        self._resend_allowance = 0
+        self._allowance_second_ends = float("-inf")
+        self._validated_before = 0  # stats.ack_valid when the allowance was last set
         # IPv6 headers are 20 bytes longer: the same link gives a 20 bytes smaller MSS.
         d = config.default_profile
         self._default_v6 = replace(d, mss=d.mss - 20)
@@ -695,6 +700,11 @@ class Engine:
     # second are a flood, which empties the rings, so a flood gets none resent and the proxy's
     # reflection stays one SYN-ACK per SYN.
     RESEND_SLOTS = 4096
+    # Resends a second: RESEND_FLOOR plus twice the ACKs validated in the second before. A server's
+    # clients answer nearly every SYN-ACK, so their few lost ACKs fit; a spoofed trickle below
+    # RESEND_SLOTS a second, whose SYN-ACKs nobody answers, gets no more resends than that, so it
+    # cannot make the proxy reflect three SYN-ACKs per SYN.
+    RESEND_FLOOR = 64
     RESEND_FIRST = 1.0  # seconds; each later resend waits twice as long as the one before
 
     def next_deadline(self) -> float | None:
@@ -748,6 +758,11 @@ class Engine:
         here), within the SYN-ACK rate limits, and keep it for the next retry."""
         rings = self._resends
         limits = self.limits
+        if now >= self._allowance_second_ends:
+            validated = self.stats.ack_valid
+            self._resend_allowance = self.RESEND_FLOOR + 2 * (validated - self._validated_before)
+            self._validated_before = validated
+            self._allowance_second_ends = now + 1.0
         for retry, ring in enumerate(rings):
             later = rings[retry + 1] if retry + 1 < len(rings) else None
             due = ring.next_due()
@@ -757,8 +772,12 @@ class Engine:
                 family, server, client, sport, cport = _synack_tuple(synack)
                 if conn_key(family, client, server, cport, sport) in self.conns:
                     continue  # answered (or answered and already closed again here)
+                if self._resend_allowance <= 0:
+                    self.stats.synack_resends_skipped += 1
+                    continue  # more unanswered SYN-ACKs than the validated ACKs explain
                 if limits.check_syn(limits.source_key(family, client), now) is not None:
                     continue  # the rate limits and caps count resends like first answers
+                self._resend_allowance -= 1
                 self.stats.synack_resent += 1
                 out.append(Send(family, client, synack, Direction.FROM_SERVER, "synack_resend"))
                 if later is not None:

@@ -94,6 +94,9 @@ class SynproxyCollector(Collector):
         yield _counter("synproxy_synack_sent", "Cookie SYN-ACKs sent to clients", st.synack_sent)
         yield _counter("synproxy_synack_resent", "SYN-ACKs sent again because no ACK had come (--synack-retries)",
                        st.synack_resent)
+        yield _counter("synproxy_synack_resends_skipped", "Due SYN-ACK resends not sent: more unanswered SYN-ACKs "
+                       "in a second than 64 plus twice the ACKs validated the second before (a spoofed trickle)",
+                       st.synack_resends_skipped)
         yield _counter("synproxy_ack_valid", "Client ACKs whose cookie validated", st.ack_valid)
         yield _labelled("synproxy_ack_invalid", "Client ACKs without state whose cookie failed", "reason", st.ack_invalid)
         yield _labelled(

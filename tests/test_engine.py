@@ -954,3 +954,41 @@ def test_synack_resends_count_against_the_synack_rate_limit() -> None:
     roomy = make_engine(limits=LimitsConfig(synack_rate_per_source=1.0, synack_burst_per_source=1))
     one(roomy.handle(f.syn(), C2S, T0), "synack")
     assert len(due_resends(roomy, T0 + 1.0)) == 1  # a token again after 1 s
+
+
+def test_a_spoofed_trickle_gets_few_resends_and_real_clients_make_room() -> None:
+    """1,000 spoofed SYNs a second (below the ring's size, so all are kept) that nobody answers:
+    resends are held to RESEND_FLOOR a second, not two per SYN. Validated ACKs raise the
+    allowance (twice as many, the second after), so a server's own clients keep theirs."""
+    eng = make_engine()
+    resent_per_second = []
+    for second in range(5):
+        got = 0
+        for i in range(1000):
+            now = T0 + second + i / 1000
+            n = second * 1000 + i
+            f = Flow(cport=1024 + n % 60000, client_isn=n)
+            f.client = bytes([198, 21, n >> 8 & 0xFF, n & 0xFF])
+            eng.handle(f.syn(), C2S, now)
+            if i % 10 == 0:
+                got += len(due_resends(eng, now))
+        resent_per_second.append(got)
+    assert resent_per_second[0] == 0  # nothing due yet
+    assert all(0 < got <= Engine.RESEND_FLOOR for got in resent_per_second[1:]), resent_per_second
+    assert eng.stats.synack_resends_skipped > 1000
+    # Each second 300 real clients answer and 200 lose their ACK: the allowance (64 + 600 a
+    # second) covers every resend the 200 need.
+    busy = make_engine()
+    n = 0
+    for second in range(4):
+        for i in range(500):
+            now = T0 + second + i / 500
+            n += 1
+            f = Flow(cport=1024 + n % 60000)
+            f.client = bytes([198, 22, n >> 8 & 0xFF, n & 0xFF])
+            synack = one(busy.handle(f.syn(), C2S, now), "synack")
+            if i % 5 < 3:
+                busy.handle(f.c(f.client_isn + 1, synack.seq + 1, ACK, ts=(501, synack.options.ts[0])), C2S, now)
+            if i % 10 == 0:
+                busy.handle_timer(now)
+    assert busy.stats.synack_resends_skipped == 0 and busy.stats.synack_resent >= 3 * 200 - 20
