@@ -347,7 +347,8 @@ def _limit_options(func: Any) -> Any:
               help="Resends of an unanswered SYN-ACK, 1 s, 3 s, 7 s ... after it, as a server's TCP does: a "
                    "client whose ACK was lost then answers again (where the server speaks first, as in SMTP, "
                    "nothing else completes the connection). Only the last 4096 SYN-ACKs per retry are kept, so "
-                   "a flood gets none resent (0 = never).")
+                   "a flood gets none resent, and at most 64 a second plus twice the ACKs validated the "
+                   "second before are resent (0 = never).")
 @click.option("--overload-backlog", type=click.IntRange(0, 1023), default=512, show_default=True,
               envvar="SYNPROXY_OVERLOAD_BACKLOG", show_envvar=True,
               help="Once a worker's 1024-SYN queue has been full (the kernel dropped SYNs, or with --queue-bypass "
