@@ -51,7 +51,10 @@ def test_ack_flood_with_bogus_cookies(px: Proxied) -> None:
     server_after, m1 = px.snmp("server"), px.metrics()
     invalid = m1['synproxy_ack_invalid_total{reason="cookie"}'] - m0.get('synproxy_ack_invalid_total{reason="cookie"}', 0)
     assert invalid > 30000, invalid
-    assert m1["synproxy_ack_valid_total"] - legit_before == 20  # the legitimate client's, no bogus one
+    # The legitimate client's 20, and a bogus one only by the MAC's chance: 2 MACs tried per ACK at
+    # 2**-23 each expect ~0.02 forgeries in ~80,000 ACKs (a CI run once had 21); two would be ~2e-4.
+    forged = m1["synproxy_ack_valid_total"] - legit_before - 20
+    assert 0 <= forged <= 1, (forged, invalid)
     assert server_after["OutRsts"] - server_before["OutRsts"] < 10  # the ACKs never reached its stack
     px.assert_only_validated_crossed(m0, syns0)
 
