@@ -10,8 +10,8 @@ Life of a connection:
                             a first attempt is shed, its key set in a fixed bitmap.)
   ACK/data (client)      -> cookie checked exactly; state PENDING; SYN to the server
                             with the client's ISN and decoded options; data held.
-  SYN-ACK (server)       -> ACK to the server, held data released, a window update to
-                            the client; state ESTABLISHED; the SYN-ACK is stolen.
+  SYN-ACK (server)       -> held data released by verdict (or an ACK to the server), a window
+                            update to the client; state ESTABLISHED; the SYN-ACK is stolen.
   everything after       -> translated both ways: seq/ack, SACK blocks, TSval/TSecr,
                             window values rescaled between the two window scales.
   FIN both ways, RST,    -> state removed (after a short linger for retransmissions).
@@ -88,7 +88,7 @@ class Send:
     dst: bytes
     data: bytes
     to: Direction  # TO the client is FROM_SERVER's direction; kept explicit for metrics
-    kind: str  # synack, syn, ack, window_update, rst, data
+    kind: str  # synack, synack_resend, syn, ack, window_update, rst, probe
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +98,27 @@ class PassOn:
     the last lets it pass unchanged."""
 
 
-Action = Accept | Drop | Send | PassOn
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """Leave the packet in the kernel's queue without a verdict: a later `Release` with the same
+    token gives it one. Client data that arrives before the server is connected waits so, and
+    then passes by verdict like every later segment of its connection, so none of those can
+    overtake it. A copy sent by raw socket could be overtaken: in local mode it reaches the
+    server through the loopback device's backlog, which the kernel may process late, while a
+    verdict delivers at once (the server then dropped the held copies as old: TcpExtPAWSEstab)."""
+
+    token: int
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """The verdict for the packet held as `token`, given now (it follows the current verdict)."""
+
+    token: int
+    verdict: Accept | Drop
+
+
+Action = Accept | Drop | Send | PassOn | Hold | Release
 
 # The verdicts of the flood paths, made once.
 _SYN_ANSWERED = Drop("syn_answered")
@@ -112,6 +132,9 @@ _RST_OUT_OF_WINDOW = Drop("rst_out_of_window")
 _PROBE_ANSWERED = Drop("probe_answered")
 _FIN_OUT_OF_WINDOW = Drop("fin_out_of_window")
 _CE_UNECHOED = Drop("ce_unechoed")
+_VALIDATED = Drop("validated")
+_PENDING_ACK = Drop("pending_ack")  # nothing to hold: its window and timestamp are noted
+_HELD_DISCARDED = Drop("held_discarded")  # its connection ended before the server answered
 _ECN_SETUP = ECE | CWR  # a SYN asking for ECN has both; an agreeing SYN-ACK ECE alone
 # SYN with FIN or RST: no TCP stack sends it; scanners and firewall evasion do. Linux drops it
 # in LISTEN (SYN+FIN since 3.5, RST first), and answering it would have the proxy open a
@@ -260,7 +283,7 @@ class Handshake:
     client_tsval: int
     client_window: int  # the client's latest window field (client's scale)
     ecn: bool = False  # ECN agreed with the client (so asked of the server)
-    held: list[bytes] = field(default_factory=list)  # client segments to release
+    held: list[tuple[int, bytes]] = field(default_factory=list)  # (token, segment) to release
     held_bytes: int = 0
     held_next: int = 0  # first client sequence number not yet held
 
@@ -455,6 +478,10 @@ class Engine:
         self._resend_allowance = 0
         self._allowance_second_ends = float("-inf")
         self._validated_before = 0  # stats.ack_valid when the allowance was last set
+        # Client packets left in the kernel's queue until their server handshake completes
+        # (Hold), and the token the next one gets.
+        self.held_packets = 0
+        self._hold_token = 0
         # IPv6 headers are 20 bytes longer: the same link gives a 20 bytes smaller MSS.
         d = config.default_profile
         self._default_v6 = replace(d, mss=d.mss - 20)
@@ -952,32 +979,49 @@ class Engine:
         self.conns[key] = conn
         self.limits.opened(self.limits.source_key(family, client))
         self._set_timer(key, conn, min(now + self.config.syn_retry_interval, conn.handshake.gives_up_at))
-        out: list[Action] = [Drop("validated"), Send(family, server, syn, Direction.FROM_CLIENT, "syn")]
-        self._hold(conn, pkt)
-        return out
+        return [self._hold(conn, pkt, _VALIDATED), Send(family, server, syn, Direction.FROM_CLIENT, "syn")]
 
-    def _hold(self, conn: PendingConn, pkt: Packet) -> None:
-        """Keep client data that arrives before the server is connected (bounded)."""
+    # Held packets wait in the kernel's queue (Hold), whose traffic queue holds 8192 by default:
+    # at most an eighth of it is given to them, so clients that send data at once cannot fill
+    # it for established connections. Beyond, data is dropped and the client sends it again.
+    MAX_HELD_PACKETS = 1024
+
+    def _hold(self, conn: PendingConn, pkt: Packet, nothing_to_hold: Drop) -> Hold | Drop:
+        """Keep client data that arrives before the server is connected (bounded), in the
+        kernel's queue: its verdict comes when the server answers (see `Hold`)."""
         hs = conn.handshake
         if pkt.flags & ACK:
             hs.client_window = pkt.window
             if pkt.options.ts is not None:
                 hs.client_tsval = pkt.options.ts[0]
         if not pkt.payload_len and not pkt.flags & FIN:
-            return
+            return nothing_to_hold
         end = (pkt.seq + pkt.seg_len) & U32
+        why = None
         if not seq_after(end, hs.held_next):
-            self.stats.dropped["held_duplicate"] += 1
-            return  # nothing new: a retransmission of what is held
-        if seq_after(pkt.seq, hs.held_next):
-            self.stats.dropped["held_gap"] += 1
-            return  # an earlier segment is missing; the client retransmits both
-        if hs.held_bytes + pkt.payload_len > self.config.pending_buffer_bytes:
-            self.stats.dropped["held_overflow"] += 1
-            return  # the client retransmits it after the handshake
-        hs.held.append(pkt.raw)
+            why = "held_duplicate"  # nothing new: a retransmission of what is held
+        elif seq_after(pkt.seq, hs.held_next):
+            why = "held_gap"  # an earlier segment is missing; the client retransmits both
+        elif hs.held_bytes + pkt.payload_len > self.config.pending_buffer_bytes:
+            why = "held_overflow"  # the client retransmits it after the handshake
+        elif self.held_packets >= self.MAX_HELD_PACKETS:
+            why = "held_limit"  # likewise
+        if why is not None:
+            self.stats.dropped[why] += 1
+            return Drop(why)
+        self._hold_token = token = (self._hold_token + 1) & _LOW64
+        hs.held.append((token, pkt.raw))
+        self.held_packets += 1
         hs.held_bytes += pkt.payload_len
         hs.held_next = end
+        return Hold(token)
+
+    def _discard_held(self, hs: Handshake) -> list[Action]:
+        """Drop verdicts for what a pending connection held: it ended before the server answered."""
+        self.held_packets -= len(hs.held)
+        out: list[Action] = [Release(token, _HELD_DISCARDED) for token, _ in hs.held]
+        hs.held = []
+        return out
 
     def _from_client(self, pkt: Packet, key: ConnKey, conn: Conn, now: float) -> list[Action]:
         conn.seen = self._tick(now)
@@ -990,8 +1034,7 @@ class Engine:
                 return self._abort_pending(key, conn, "client_rst")
             if pkt.flags & SYN:
                 return self._answer_syn(pkt, now) if not pkt.flags & ACK else [Drop("no_state")]
-            self._hold(conn, pkt)
-            return [Drop("held")]
+            return [self._hold(conn, pkt, _PENDING_ACK)]
         if pkt.flags & SYN:
             # A new SYN on a live tuple: answer it statelessly; its ACK replaces
             # the old state only if the old connection is closing.
@@ -1198,13 +1241,22 @@ class Engine:
         self.stats.backend_handshakes["established"] += 1
         if not self._sweep_keys and self._sweep_at < now:
             self._sweep_at = now + min(self.config.idle_timeout / 10, 60.0)
-        out: list[Action] = [Drop("synack_stolen"), self._ack_to_server(key, conn, pkt, hs)]
-        for raw in hs.held:
+        out: list[Action] = [Drop("synack_stolen")]
+        # Held data passes by verdict, each segment translated like every later one. The first
+        # carries the ACK that completes the server's handshake, so no separate ACK goes: sent
+        # by raw socket it could arrive after the data (see Hold), a stale duplicate.
+        released: list[Action] = []
+        for token, raw in hs.held:
             held = P.parse(raw)
-            res = self._from_client(held, key, conn, now)
-            first = res[0]
-            if isinstance(first, Accept) and first.payload is not None:
-                out.append(Send(family, server, first.payload, Direction.FROM_CLIENT, "data"))
+            if not released and not held.flags & ACK:  # (a client's TCP always sets it)
+                out.append(self._ack_to_server(key, conn, pkt, hs))
+            verdict = self._from_client(held, key, conn, now)[0]
+            released.append(Release(token, verdict if isinstance(verdict, Accept | Drop) else _HELD_DISCARDED))
+        if not released:
+            out.append(self._ack_to_server(key, conn, pkt, hs))
+        self.held_packets -= len(hs.held)
+        hs.held = []
+        out.extend(released)
         # Tell the client the server's real window, in the scale the client uses.
         window = rescale_window(pkt.window, 0, shape.client_recv_shift)  # a SYN-ACK's window is unscaled
         upd_opts = None
@@ -1279,14 +1331,14 @@ class Engine:
         hs = conn.handshake
         rst = P.build(family, server, client, sport, cport, (hs.cookie + 1) & U32, hs.held_next, RST | ACK, 0)
         self._remove(key, conn, why)
-        return [Send(family, client, rst, Direction.FROM_SERVER, "rst")]
+        return [Send(family, client, rst, Direction.FROM_SERVER, "rst"), *self._discard_held(hs)]
 
     def _abort_pending(self, key: ConnKey, conn: PendingConn, why: str) -> list[Action]:
         self.stats.backend_handshakes["aborted"] += 1  # the client gave up first
         family, client, cport, server, sport = split_key(key)
         rst = P.build(family, client, server, cport, sport, (conn.handshake.client_isn + 1) & U32, 0, RST, 0)
         self._remove(key, conn, why)
-        return [Drop(why), Send(family, server, rst, Direction.FROM_CLIENT, "rst")]
+        return [Drop(why), Send(family, server, rst, Direction.FROM_CLIENT, "rst"), *self._discard_held(conn.handshake)]
 
     def _remove(self, key: ConnKey, conn: Conn, why: str) -> None:
         if not isinstance(conn, ClosingConn):

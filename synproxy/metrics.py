@@ -135,6 +135,11 @@ class SynproxyCollector(Collector):
         pending.add_metric(["established"], self.engine.established)
         pending.add_metric(["closing"], len(self.engine.conns) - self.engine.pending - self.engine.established)
         yield pending
+        yield GaugeMetricFamily(
+            "synproxy_held_packets", "Client packets left in the traffic queue until their server handshake "
+            f"completes (at most {Engine.MAX_HELD_PACKETS} a worker; beyond, held_limit drops)",
+            value=self.engine.held_packets,
+        )
         yield histogram_family(
             "synproxy_packet_handling_seconds", "Time to handle one queued packet", self.shell.handling
         )

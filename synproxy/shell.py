@@ -21,7 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-from .engine import Drop, Engine, PassOn, Send
+from .engine import Drop, Engine, Hold, PassOn, Release, Send
 from .nfqueue import MAX_COPY_RANGE, NfQueue, QueueConfig, QueueDepth
 from .rawsend import RawSender, SenderError
 
@@ -278,6 +278,9 @@ class Shell:
         self._queue_maxlen = queue_maxlen
         self._next_tick = 0.0
         self._service_due = 0.0
+        # Packets the engine holds in a queue without a verdict (Hold), by token: their queue
+        # and handle, for the verdict its Release gives later.
+        self._held: dict[int, tuple[QueueReader, Any]] = {}
 
     def stop(self, *_: Any) -> None:
         self._stop = True
@@ -287,8 +290,10 @@ class Shell:
 
         Packets leave in the order the engine made them: the sends made for a packet
         and for earlier ones go out before its accept verdict, and an accepted packet
-        is never overtaken by a send made for a later one. A SYN flood's batch (all
-        drops and SYN-ACKs) is one sendmmsg and one batch verdict.
+        is never overtaken by a send made for a later one. A held packet's release
+        (`Release`, after the verdict of the packet that caused it) keeps its place
+        in that order too. A SYN flood's batch (all drops and SYN-ACKs) is one
+        sendmmsg and one batch verdict.
         """
         start = time.perf_counter()
         now = self.clock()
@@ -303,16 +308,20 @@ class Shell:
                 log.exception("engine failed on a packet; dropped it")
                 queue.verdict(handle, False)
                 continue
-            verdict = actions[0]  # the engine's first action is the verdict, the rest are Sends
-            if len(actions) > 1:
+            verdict = actions[0]  # the engine's first action is the verdict, then Sends and Releases
+            for action in actions[1:] if len(actions) > 1 else ():
+                if type(action) is Release:
+                    accepts_pending = self._release(action, queue) or accepts_pending
+                    continue
                 if accepts_pending:
                     sender.flush()
                     queue.flush()
                     accepts_pending = False
-                for action in actions[1:]:
-                    send(action.family, action.dst, action.data, action.kind)  # type: ignore[union-attr]
+                send(action.family, action.dst, action.data, action.kind)  # type: ignore[union-attr]
             if type(verdict) is Drop:
                 queue.verdict(handle, False)
+            elif type(verdict) is Hold:
+                self._held[verdict.token] = (queue, handle)
             else:
                 if sender.pending:
                     sender.flush()  # a binding may hand the verdict over at once
@@ -329,6 +338,28 @@ class Shell:
         self.stats.packets += len(batch)
         self.stats.handling.observe((time.perf_counter() - start) / len(batch), len(batch))
 
+    def _release(self, release: Release, current: QueueReader | None) -> bool:
+        """Give a held packet its verdict after the sends made before it; whether it is an accept
+        still to be written to `current` (a verdict for another queue is written at once)."""
+        held = self._held.pop(release.token, None)
+        if held is None:
+            return False  # its queue was closed (never while the engine holds it)
+        queue, handle = held
+        verdict = release.verdict
+        accept = type(verdict) is not Drop
+        if accept and self.sender.pending:
+            self.sender.flush()
+        queue.verdict(handle, accept, verdict.payload if accept else None)  # type: ignore[union-attr]
+        if queue is not current:
+            queue.flush()
+            return False
+        return accept
+
+    @property
+    def held(self) -> int:
+        """Packets left in the queues without a verdict for the engine (Hold)."""
+        return len(self._held)
+
     def _service(self, now: float) -> None:
         """Run due timers and the once-a-second tick; note when to come back."""
         deadline = self.engine.next_deadline()
@@ -336,6 +367,8 @@ class Shell:
             for action in self.engine.handle_timer(now):
                 if isinstance(action, Send):
                     self.sender.send(action.family, action.dst, action.data, action.kind)
+                elif isinstance(action, Release):
+                    self._release(action, None)
             self.sender.flush()
             deadline = self.engine.next_deadline()
         if now >= self._next_tick:

@@ -8,7 +8,10 @@ the server's; uploads lose client data at the server host, so the server's SACK 
 reach the client. Either end's TCP counts a SACK block it finds invalid
 (TcpExtTCPSACKDiscard) and a segment it drops for an old timestamp (TcpExtPAWSEstab); a
 translation error in either shows there, or as recovery by retransmission timeouts instead of
-SACK, long before it would corrupt data.
+SACK, long before it would corrupt data. So does a segment of the proxy's that arrives after newer
+ones: the server's PAWS count caught the held data of the connection's start, then sent by raw
+socket, overtaken by the client's retransmissions (11 of 11 dropped, in CI and 2 of 166 lab runs;
+now held data passes by verdict, see docs/design.md).
 
 A duplicate-SACK block the sender ignores as older than its current recovery
 (TcpExtTCPDSACKIgnoredOld) is not such a sign: every SACK block of a connection is translated by

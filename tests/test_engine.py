@@ -15,7 +15,9 @@ from synproxy.engine import (
     Drop,
     Engine,
     EngineConfig,
+    Hold,
     PassOn,
+    Release,
     Send,
     State,
     conn_key,
@@ -82,6 +84,18 @@ def one(actions: list[Action], kind: str) -> P.Packet:
     pkt = P.parse(got[0].data)
     assert P.checksum_ok(pkt)
     return pkt
+
+
+def released(actions: list[Action]) -> list[P.Packet]:
+    """The held packets these actions pass (Release with an Accept), checked and parsed."""
+    out = []
+    for a in actions:
+        if isinstance(a, Release) and isinstance(a.verdict, Accept):
+            assert a.verdict.payload is not None
+            pkt = P.parse(a.verdict.payload)
+            assert P.checksum_ok(pkt)
+            out.append(pkt)
+    return out
 
 
 def accepted(actions: list[Action]) -> P.Packet:
@@ -299,11 +313,23 @@ def test_auto_wscale_follows_server_from_next_slot() -> None:
 
 
 def test_data_on_the_ack_is_held_and_released() -> None:
+    """The data stays in the kernel's queue (Hold) and passes by verdict when the server
+    answers; its ACK completes the server's handshake, so no separate ACK is sent."""
     eng, f = make_engine(), Flow()
-    synack, _, out = handshake(eng, f, data=b"GET / HTTP/1.0\r\n\r\n")
-    data = one(out, "data")
+    synack = one(eng.handle(f.syn(), C2S, T0), "synack")
+    ts = (f.client_tsval + 1, synack.options.ts[0])
+    out = eng.handle(f.c(f.client_isn + 1, synack.seq + 1, ACK | PSH, 502, b"GET / HTTP/1.0\r\n\r\n", ts=ts), C2S, T0)
+    hold = out[0]
+    assert isinstance(hold, Hold) and len(sends(out, "syn")) == 1 and eng.held_packets == 1
+    sa = TcpOptions(mss=1460, wscale=7, sack_ok=True, ts=(77, f.client_tsval + 1))
+    out = eng.handle(f.s(f.server_isn, f.client_isn + 1, SYN | ACK, 65160, opts=sa), S2C, T0)
+    assert out[0] == Drop("synack_stolen") and sends(out, "ack") == []
+    assert [a.token for a in out if isinstance(a, Release)] == [hold.token]
+    (data,) = released(out)
     assert data.payload == b"GET / HTTP/1.0\r\n\r\n" and data.seq == f.client_isn + 1
     assert data.ack == f.server_isn + 1  # translated into the server's space
+    assert data.options.ts == (f.client_tsval + 1, 77)  # TSecr in the server's clock
+    assert len(sends(out, "window_update")) == 1 and eng.held_packets == 0
 
 
 def test_lost_third_ack_first_data_segment_validates() -> None:
@@ -311,14 +337,13 @@ def test_lost_third_ack_first_data_segment_validates() -> None:
     synack = one(eng.handle(f.syn(), C2S, T0), "synack")
     ts = (f.client_tsval + 2, synack.options.ts[0])
     out = eng.handle(f.c(f.client_isn + 1, synack.seq + 1, ACK | PSH, 502, b"abc", ts=ts), C2S, T0)
-    assert out[0] == Drop("validated") and len(sends(out, "syn")) == 1
+    assert isinstance(out[0], Hold) and len(sends(out, "syn")) == 1
     out = eng.handle(f.c(f.client_isn + 4, synack.seq + 1, ACK | PSH, 502, b"defgh", ts=ts), C2S, T0)
-    assert out == [Drop("held")]
+    assert len(out) == 1 and isinstance(out[0], Hold)
     syn = P.parse(sends(eng.handle(f.syn(), C2S, T0), "synack")[0].data)  # unrelated: still stateless
     sa = TcpOptions(mss=1460, wscale=7, sack_ok=True, ts=(77, f.client_tsval + 2))
     out = eng.handle(f.s(f.server_isn, f.client_isn + 1, SYN | ACK, 65160, opts=sa), S2C, T0)
-    payloads = [P.parse(s.data).payload for s in sends(out, "data")]
-    assert payloads == [b"abc", b"defgh"]
+    assert [p.payload for p in released(out)] == [b"abc", b"defgh"]
     del syn
 
 
@@ -648,7 +673,50 @@ def test_held_data_is_bounded() -> None:
     assert eng.stats.dropped["held_overflow"] == 1
     sa = TcpOptions(mss=1460, wscale=7)
     out = eng.handle(f.s(f.server_isn, f.client_isn + 1, SYN | ACK, 65000, opts=sa), S2C, T0)
-    assert [P.parse(s.data).payload_len for s in sends(out, "data")] == [1000, 1000, 1000]
+    assert [p.payload_len for p in released(out)] == [1000, 1000, 1000]
+
+
+def _held_pending(eng: Engine, f: Flow, segments: int) -> list[int]:
+    """A validated connection whose client sent `segments` data segments before the server
+    answered; the tokens they are held under."""
+    synack = one(eng.handle(f.syn(), C2S, T0), "synack")
+    tokens = []
+    for i in range(segments):
+        out = eng.handle(f.c(f.client_isn + 1 + 100 * i, synack.seq + 1, ACK | PSH, payload=b"y" * 100), C2S, T0)
+        assert isinstance(out[0], Hold), out
+        tokens.append(out[0].token)
+    return tokens
+
+
+@pytest.mark.parametrize("end", ["refused", "timeout", "client_rst"])
+def test_held_data_is_dropped_when_the_handshake_ends_without_the_server(end: str) -> None:
+    """Every held packet gets a verdict: dropped when the server refuses, the handshake times
+    out or the client resets it, so none keeps a queue slot."""
+    eng, f = make_engine(backend_timeout=3.0), Flow(ts=False)
+    tokens = _held_pending(eng, f, 3)
+    assert eng.held_packets == 3
+    if end == "refused":
+        out = eng.handle(f.s(0, f.client_isn + 1, RST | ACK, 0), S2C, T0)
+    elif end == "timeout":
+        out = [a for t in (1.0, 2.0, 3.0) for a in eng.handle_timer(T0 + t)]
+    else:
+        out = eng.handle(f.c(f.client_isn + 301, 0, RST, 0), C2S, T0)
+    assert [(a.token, a.verdict) for a in out if isinstance(a, Release)] == [
+        (t, Drop("held_discarded")) for t in tokens]
+    assert eng.held_packets == 0 and eng.conns == {}
+
+
+def test_held_packets_are_bounded_across_connections() -> None:
+    """Beyond MAX_HELD_PACKETS held in the queue, data is dropped (the client sends it again)."""
+    eng = make_engine()
+    eng.MAX_HELD_PACKETS = 4  # type: ignore[misc]
+    _held_pending(eng, Flow(ts=False), 3)
+    f = Flow(ts=False, cport=40001)
+    synack = one(eng.handle(f.syn(), C2S, T0), "synack")
+    first = eng.handle(f.c(f.client_isn + 1, synack.seq + 1, ACK | PSH, payload=b"a"), C2S, T0)
+    second = eng.handle(f.c(f.client_isn + 2, synack.seq + 1, ACK | PSH, payload=b"b"), C2S, T0)
+    assert isinstance(first[0], Hold) and second == [Drop("held_limit")]
+    assert eng.stats.dropped["held_limit"] == 1 and eng.held_packets == 4
 
 
 def test_profile_learns_only_what_the_syn_offered() -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from synproxy.engine import Accept, Direction, Drop, PassOn, Send
+from synproxy.engine import Accept, Direction, Drop, Hold, PassOn, Release, Send
 from synproxy.nfqueue import QueueStatus
 from synproxy.shell import OverloadGate, Shell, ShellStats
 
@@ -253,7 +253,7 @@ class _BatchedQueue:
         self.wire, self.queued = wire, []
 
     def verdict(self, handle: Any, accept: bool, payload: bytes | None = None) -> None:
-        self.queued.append(f"{'accept' if accept else 'drop'} {handle}")
+        self.queued.append(f"{'accept' if accept else 'drop'} {handle}" + (f" as {payload.decode()}" if payload else ""))
 
     def flush(self, drops_may_wait: bool = False) -> None:
         self.wire.out.extend(self.queued)
@@ -268,7 +268,7 @@ class _ImmediateQueue(_BatchedQueue):
     """Like NetfilterQueue: a verdict leaves when it is given."""
 
     def verdict(self, handle: Any, accept: bool, payload: bytes | None = None) -> None:
-        self.wire.out.append(f"{'accept' if accept else 'drop'} {handle}")
+        self.wire.out.append(f"{'accept' if accept else 'drop'} {handle}" + (f" as {payload.decode()}" if payload else ""))
 
 
 class _ScriptedEngine:
@@ -297,12 +297,55 @@ def test_shell_releases_sends_and_accepts_in_the_order_the_engine_made_them(queu
     shell = Shell.__new__(Shell)  # no queues or sockets: the batch logic alone
     shell.engine, shell.clock = _ScriptedEngine(script), lambda: 0.0  # type: ignore[assignment]
     shell.stats = ShellStats()
-    shell.sender = _Sender(wire)  # type: ignore[assignment]
+    shell.sender, shell._held = _Sender(wire), {}  # type: ignore[assignment]
     queue = queue_kind(wire)
     shell._handle_batch(queue, [(i, f"p{i}".encode()) for i in range(1, 6)])
     order = [w for w in wire.out if not w.startswith("drop")]
     assert order == ["synack1", "ack-for-p2", "accept 2", "synack3", "accept 4"]
     assert sorted(w for w in wire.out if w.startswith("drop")) == ["drop 1", "drop 3", "drop 5"]
+
+
+class _TimerEngine(_ScriptedEngine):
+    def __init__(self, script: dict[bytes, list[Any]], timer: list[Any]) -> None:
+        super().__init__(script)
+        self.timer = timer
+
+    def next_deadline(self) -> float:
+        return 0.0
+
+    def handle_timer(self, now: float) -> list[Any]:
+        return self.timer
+
+
+@pytest.mark.parametrize("queue_kind", [_BatchedQueue, _ImmediateQueue])
+def test_held_packets_get_their_verdicts_when_released_in_the_engines_order(queue_kind: type) -> None:
+    """Client data held during the server handshake keeps its queue slot without a verdict, and
+    its release is a verdict: after the sends made before it, before those made after it and
+    before any later packet's; a release from a timer (the handshake gave up) drops it."""
+    script = {
+        b"data1": [Hold(11), _send("syn-to-server")],
+        b"data2": [Hold(12)],
+        b"data3": [Hold(13)],
+        b"other": [Accept()],
+        b"synack": [Drop("synack_stolen"), Release(11, Accept(b"d1")), Release(12, Accept(b"d2")),
+                    _send("window-update")],
+        b"data4": [Accept(b"d4")],
+    }
+    wire = _Wire()
+    shell = Shell.__new__(Shell)
+    shell.engine, shell.clock = _TimerEngine(script, [Release(13, Drop("held_discarded"))]), lambda: 0.0  # type: ignore[assignment]
+    shell.stats, shell.sender, shell._held = ShellStats(), _Sender(wire), {}  # type: ignore[assignment]
+    shell._next_tick, shell.on_tick = float("inf"), None
+    queue = queue_kind(wire)
+    shell._handle_batch(queue, [(1, b"data1"), (2, b"data2"), (3, b"data3"), (4, b"other")])
+    assert wire.out == ["syn-to-server", "accept 4"] and shell.held == 3
+    shell._handle_batch(queue, [(5, b"synack"), (6, b"data4")])
+    assert [w for w in wire.out[2:] if not w.startswith("drop")] == [
+        "accept 1 as d1", "accept 2 as d2", "window-update", "accept 6 as d4"]
+    assert [w for w in wire.out[2:] if w.startswith("drop")] == ["drop 5"]  # a drop may leave at any time
+    assert shell.held == 1
+    shell._service(0.0)
+    assert wire.out[-1] == "drop 3" and shell.held == 0
 
 
 @pytest.mark.parametrize(("pass_on_queue", "want"), [(7, "queue 1 to 7"), (None, "accept 1")])
