@@ -86,6 +86,20 @@ class Mark(click.ParamType):
         return number
 
 
+class ServerAddress(click.ParamType):
+    """A server's address or prefix (203.0.113.10, 2001:db8::/64), as the rules write it."""
+
+    name = "ADDR[/LEN]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        from .rules import RulesError, server_spec
+
+        try:
+            return server_spec(str(value))
+        except RulesError as err:
+            self.fail(str(err).removeprefix(f"--server {value}: "), param, ctx)
+
+
 def _toml_type_error(param: click.Parameter, value: Any) -> str | None:
     """What is wrong with the type of a config file value for `param`, if anything: click alone
     would take `overload_backlog = true` as 1 and `workers = 2.9` as 2."""
@@ -99,6 +113,12 @@ def _toml_type_error(param: click.Parameter, value: Any) -> str | None:
     if isinstance(value, bool):
         return "must not be true or false"
     return None
+
+
+SERVER_HELP = (
+    "Only connections to this server address or prefix are proxied; repeat for several, IPv4 and IPv6 "
+    "alike (a family without one has nothing proxied). Default: any address on the protected ports."
+)
 
 
 def _toml(value: Any) -> str:
@@ -313,6 +333,8 @@ def _limit_options(func: Any) -> Any:
 @click.option("--mode", type=click.Choice(["local", "gateway"]), default="local", show_default=True,
               envvar="SYNPROXY_MODE", show_envvar=True,
               help="local: on the server's host; gateway: on a router in front of it.")
+@click.option("--server", "servers", type=ServerAddress(), multiple=True, envvar="SYNPROXY_SERVER", show_envvar=True,
+              help=SERVER_HELP)
 @click.option("--wscale", type=AutoOrInt(0, 14), default="auto", show_default=True, envvar="SYNPROXY_WSCALE",
               show_envvar=True, help="Window scale advertised to clients; auto mimics the server's.")
 @click.option("--mss", type=AutoOrInt(536, 65535), default="auto", show_default=True, envvar="SYNPROXY_MSS",
@@ -359,7 +381,8 @@ def _limit_options(func: Any) -> Any:
                    "any other value acts as 1: an overflow would cross unprotected.")
 @_limit_options
 def run(
-    ports: tuple[int, ...], queue: int, workers: int, worker_index: int | None, mode: str, wscale: int | None,
+    ports: tuple[int, ...], queue: int, workers: int, worker_index: int | None, mode: str, servers: tuple[str, ...],
+    wscale: int | None,
     mss: int | None, key_file: Path, metrics_addr: str, mark: int, install_rules: bool, queue_bypass: bool,
     queue_binding: str,
     rules_backend: str | None, backend_timeout: float, idle_timeout: float, synack_retries: int,
@@ -382,7 +405,7 @@ def run(
         fail(f"--worker-index {worker_index} needs --workers {worker_index + 1} or more (workers = {workers})", 2)
     # Every configuration error before anything is bound or installed, with exit status 2
     # (which the systemd unit does not restart on).
-    rule_cfg = _rule_config(ports, queue, workers, mode, mark, queue_bypass)
+    rule_cfg = _rule_config(ports, queue, workers, mode, mark, queue_bypass, servers)
     if metrics_addr != "off":
         try:
             _host, metrics_port = parse_addr(metrics_addr)
@@ -403,7 +426,8 @@ def run(
         except RulesError as err:
             fail(str(err), 2)
     opts = RunOptions(
-        ports=tuple(sorted(set(ports))), queue=queue, workers=workers, worker_index=worker_index, mode=mode, wscale=wscale, mss=mss,
+        ports=tuple(sorted(set(ports))), queue=queue, workers=workers, worker_index=worker_index, mode=mode,
+        servers=rule_cfg.servers, wscale=wscale, mss=mss,
         key_file=key_file, metrics_addr=None if metrics_addr == "off" else metrics_addr, mark=mark,
         install_rules=install_rules, queue_bypass=queue_bypass, queue_binding=queue_binding,
         rules_backend=rules_backend,
@@ -420,14 +444,15 @@ def run(
 # ---------------------------------------------------------------- rules
 
 
-def _rule_config(ports: tuple[int, ...], queue: int, queues: int, mode: str, mark: int, bypass: bool) -> Any:
+def _rule_config(ports: tuple[int, ...], queue: int, queues: int, mode: str, mark: int, bypass: bool,
+                 servers: tuple[str, ...]) -> Any:
     from .rules import Mode, RuleConfig, RulesError
 
     if not ports:
         fail("no protected port: give --port P (or port = [P] in the config file)", 2)
     try:
         return RuleConfig(ports=tuple(sorted(set(ports))), queue=queue, queues=queues, mode=Mode(mode),
-                          mark=mark, bypass=bypass)
+                          mark=mark, bypass=bypass, servers=servers)
     except RulesError as err:
         fail(str(err), 2)
 
@@ -456,6 +481,8 @@ def _rule_options(func: Any) -> Any:
         click.option("--mode", type=click.Choice(["local", "gateway"]), default="local", show_default=True,
                      envvar="SYNPROXY_MODE", show_envvar=True,
                      help="local: the proxy runs on the server's host; gateway: on a router in front of it."),
+        click.option("--server", "servers", type=ServerAddress(), multiple=True, envvar="SYNPROXY_SERVER", show_envvar=True,
+                     help=SERVER_HELP),
         click.option("--mark", type=Mark(), default=0x5350, show_default="0x5350",
                      envvar="SYNPROXY_MARK", show_envvar=True, help="Mark of the proxy's own packets."),
         click.option("--queue-bypass", "bypass", is_flag=True, envvar="SYNPROXY_QUEUE_BYPASS", show_envvar=True,
@@ -477,12 +504,13 @@ def rules() -> None:
 @_rule_options
 @click.option("--dry-run", is_flag=True, help="Print the exact rules instead of installing them.")
 @click.option("--replace", is_flag=True, help="Replace synproxy rules of another configuration.")
-def rules_install(ports: tuple[int, ...], queue: int, queues: int, mode: str, mark: int, bypass: bool,
+def rules_install(ports: tuple[int, ...], queue: int, queues: int, mode: str, servers: tuple[str, ...], mark: int,
+                  bypass: bool,
                   backend: str | None, dry_run: bool, replace: bool) -> None:
     """Install synproxy's own chains (iptables) or table (nft); idempotent."""
     from .rules import RulesError, install, render
 
-    cfg = _rule_config(ports, queue, queues, mode, mark, bypass)
+    cfg = _rule_config(ports, queue, queues, mode, mark, bypass, servers)
     chosen = _backend(backend)
     if dry_run:
         try:
@@ -496,7 +524,8 @@ def rules_install(ports: tuple[int, ...], queue: int, queues: int, mode: str, ma
     except RulesError as err:
         fail(str(err))
     click.echo(f"{chosen.value} rules {'installed' if changed else 'already installed'} "
-               f"(config {cfg.fingerprint}, {mode} mode, ports {','.join(map(str, cfg.ports))})")
+               f"(config {cfg.fingerprint}, {mode} mode, ports {','.join(map(str, cfg.ports))}"
+               + (f", servers {','.join(cfg.servers)})" if cfg.servers else ")"))
 
 
 @rules.command("remove")
@@ -517,7 +546,8 @@ def rules_remove(backend: str | None) -> None:
 
 @rules.command("show")
 @_rule_options
-def rules_show(ports: tuple[int, ...], queue: int, queues: int, mode: str, mark: int, bypass: bool,
+def rules_show(ports: tuple[int, ...], queue: int, queues: int, mode: str, servers: tuple[str, ...], mark: int,
+               bypass: bool,
                backend: str | None) -> None:
     """Show the installed rules, who installed them, whether they match the configuration and
     whether a process reads their queues (exit status 3 when they do not match or are missing,
@@ -528,7 +558,7 @@ def rules_show(ports: tuple[int, ...], queue: int, queues: int, mode: str, mark:
 
     _need_root("synproxy rules show", raw=False)
     chosen = _backend(backend)
-    cfg = _rule_config(ports, queue, queues, mode, mark, bypass) if ports else None
+    cfg = _rule_config(ports, queue, queues, mode, mark, bypass, servers) if ports else None
     try:
         found = show(chosen)
     except RulesError as err:

@@ -51,6 +51,7 @@ class RunOptions:
     workers: int = 1
     worker_index: int | None = None  # serve only this worker of `workers`, unsupervised, no rules
     mode: str = "local"
+    servers: tuple[str, ...] = ()  # --server: only connections to these are proxied (empty: any)
     wscale: int | None = None  # None = auto
     mss: int | None = None  # None = auto
     key_file: Path = DEFAULT_KEY_FILE
@@ -94,7 +95,7 @@ def _rule_config(opts: RunOptions):  # type: ignore[no-untyped-def]
 
     return rules.RuleConfig(
         ports=tuple(opts.ports), queue=opts.queue, queues=opts.workers, mode=rules.Mode(opts.mode),
-        mark=opts.mark, bypass=opts.queue_bypass,
+        mark=opts.mark, bypass=opts.queue_bypass, servers=opts.servers,
     )
 
 

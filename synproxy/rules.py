@@ -12,6 +12,7 @@ but synproxy's own rules.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 import re
 import shutil
@@ -57,8 +58,13 @@ class RuleConfig:
     mode: Mode = Mode.LOCAL
     mark: int = DEFAULT_MARK
     bypass: bool = False  # fail open when no proxy is bound to the queue (risky: see README)
+    # The servers' addresses or prefixes (--server): only connections to them are proxied. Empty:
+    # any address on the protected ports. A family with none given has nothing proxied.
+    servers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "servers", tuple(sorted({server_spec(s) for s in self.servers},
+                                                         key=lambda s: (":" in s, s))))
         if not self.ports:
             raise RulesError("at least one protected port is required")
         for port in self.ports:
@@ -87,7 +93,22 @@ class RuleConfig:
         # as another configuration.
         text = f"{sorted(set(self.ports))}|{self.queue}|{self.queues}|{self.mode.value}|{self.mark}|{self.bypass}" \
                "|syn-queue|lo|too-big" + ("|rpf" if self.mode is Mode.GATEWAY else "")
+        if self.servers:  # (without, the fingerprint of earlier versions' rules stays)
+            text += "|servers=" + ",".join(self.servers)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    def servers_of(self, family: int) -> list[str]:
+        return [s for s in self.servers if (":" in s) == (family == 6)]
+
+
+def server_spec(value: str) -> str:
+    """A --server value as the rules write it: an address, or a prefix (203.0.113.0/28)."""
+    try:
+        net = ipaddress.ip_network(value.strip(), strict=True)
+    except ValueError as err:
+        raise RulesError(f"--server {value}: {err} (give an address, or a prefix such as 203.0.113.0/28)") \
+            from None
+    return str(net.network_address) if net.prefixlen == net.max_prefixlen else net.with_prefixlen
 
 
 # ---------------------------------------------------------------- rendering
@@ -136,6 +157,7 @@ def _iptables_vars(cfg: RuleConfig) -> dict[str, str]:
     u32_v4 = f"0>>22&0x3C@16>>16&0xFF=6&&0>>22&0x3C@8>>22&0x3C@8>>16={port_values}"
     u32_v6 = f"52>>8&0xFF=6&&88>>16={port_values}"
     return {"dports": dports, "sports": sports, "queue": target(cfg.queue), "syn_queue": target(cfg.syn_queue),
+            "dst": _DST, "src": _SRC,
             "mark": f"{cfg.mark:#x}",
             "too_big_v4": f'-p icmp --icmp-type fragmentation-needed -m u32 --u32 "{u32_v4}"',
             "too_big_v6": f'-p ipv6-icmp --icmpv6-type packet-too-big -m u32 --u32 "{u32_v6}"',
@@ -153,6 +175,7 @@ def _nft_vars(cfg: RuleConfig) -> dict[str, str]:
     # The quoted segment: IPv4 without options (0x45), TCP, its source port; IPv6: TCP right after
     # the quoted header, its source port. @th is the ICMP header (8 bytes), offsets in bits.
     return {"ports": port_set, "queue": target(cfg.queue), "syn_queue": target(cfg.syn_queue),
+            "dst": _DST, "src": _SRC,
             "mark": f"{cfg.mark:#x}",
             "too_big_v4": f"icmp type destination-unreachable icmp code frag-needed @th,64,8 0x45 @th,136,8 6 "
                           f"@th,224,16 {port_set}",
@@ -161,17 +184,51 @@ def _nft_vars(cfg: RuleConfig) -> dict[str, str]:
             "icmp_queue": f"num {cfg.queue}" + (" bypass" if cfg.bypass else "")}
 
 
+# Where a template's rule matches the server's address (${dst}, ${src}): filled in per family by
+# _per_family, as one rule's address match differs between IPv4 and IPv6.
+_DST, _SRC = "\x00dst\x00", "\x00src\x00"
+
+
+def _per_family(text: str, cfg: RuleConfig, backend: Backend) -> str:
+    """Each rule that matches the server's address: as it is without --server; else one rule per
+    family with servers of that family (iptables: `-4`/`-6` lines, which the other family's
+    restore skips; nft: `ip`/`ip6` address matches), none for a family without."""
+    out = []
+    for line in text.splitlines(keepends=True):
+        if _DST not in line and _SRC not in line:
+            out.append(line)
+            continue
+        if not cfg.servers:
+            out.append(line.replace(_DST + " ", "").replace(_SRC + " ", ""))
+            continue
+        indent = line[: len(line) - len(line.lstrip())]
+        for family, flag, proto in ((4, "-4", "ip"), (6, "-6", "ip6")):
+            addrs = cfg.servers_of(family)
+            if not addrs:
+                continue
+            if backend is Backend.IPTABLES:
+                joined = ",".join(addrs)
+                rule = line.replace(_DST, f"-d {joined}").replace(_SRC, f"-s {joined}")
+                out.append(f"{flag} {rule.lstrip()}")
+            else:
+                match = addrs[0] if len(addrs) == 1 else "{ " + ", ".join(addrs) + " }"
+                rule = line.replace(_DST, f"{proto} daddr {match}").replace(_SRC, f"{proto} saddr {match}")
+                out.append(indent + rule.lstrip())
+    return "".join(out)
+
+
 def render(cfg: RuleConfig, backend: Backend, owner: Owner = Owner.OPERATOR) -> str:
     """The exact rules `install` would load (what `--dry-run` prints)."""
     if backend is Backend.IPTABLES:
         text = Template(template_text(f"iptables-{cfg.mode.value}.tmpl")).substitute(_iptables_vars(cfg))
+        text = _per_family(text, cfg, backend)
         jumps = "".join(
             f'# then, for iptables and ip6tables alike (replacing any earlier jump):\n'
             f'#   -t raw -I {hook} 1 -m comment --comment "{jump_comment(cfg, owner)}" -j {chain}\n'
             for hook, chain in (("PREROUTING", CHAIN_PRE), ("OUTPUT", CHAIN_OUT))
         )
         return text + jumps
-    text = Template(template_text(f"nft-{cfg.mode.value}.tmpl")).substitute(_nft_vars(cfg))
+    text = _per_family(Template(template_text(f"nft-{cfg.mode.value}.tmpl")).substitute(_nft_vars(cfg)), cfg, backend)
     # The configuration fingerprint (and the owner) ride in the table's comment.
     return text.replace(
         f"table inet {NFT_TABLE} {{", f'table inet {NFT_TABLE} {{\n\tcomment "{jump_comment(cfg, owner)}"', 1

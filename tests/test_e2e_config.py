@@ -36,6 +36,7 @@ def run_args(tmp_path: Path, *extra: str) -> list[str]:
     (["--workers", "2", "--metrics-addr", "127.0.0.1:65535"], "leaves no room for 2 workers"),
     (["--backend", "iptables", *[a for p in range(9000, 9016) for a in ("--port", str(p))]],
      "iptables can match at most 15 ports"),
+    (["--server", "198.18.0.1/16"], "Invalid value for '--server': 198.18.0.1/16 has host bits set"),
 ])
 def test_configuration_errors_are_one_sentence_and_status_2(lab: Lab, tmp_path: Path, extra: list[str],
                                                             needle: str) -> None:
@@ -155,3 +156,25 @@ def test_rules_a_killed_run_left_are_taken_over_and_removed() -> None:
         assert px.client("get", px.url(4, "/"))["status"] == 200
         assert px.stop_proxy() == 0
         assert not synproxy_rules_in(px.lab, "server")
+
+
+@pytest.mark.parametrize("mode", ["local", "gateway"])
+def test_server_option_proxies_only_connections_to_the_servers(mode: str) -> None:
+    """--server: connections to the servers' addresses are proxied; to another address, or in a
+    family given no server, they pass unproxied and still work (the rules do not match them)."""
+    with proxied(mode, start=False) as px:
+        def proxied_syns(family: int) -> float:
+            before = px.metrics().get("synproxy_syn_received_total", 0)
+            res = px.client("get", px.url(family, "/bytes/1000"), timeout=30)
+            assert res["status"] == 200 and res["bytes"] == 1000, res
+            return px.metrics().get("synproxy_syn_received_total", 0) - before
+
+        px.start_proxy("--server", px.server_addr(4))
+        try:
+            assert proxied_syns(4) == 1  # the server's IPv4 address: proxied
+            assert proxied_syns(6) == 0  # no IPv6 server given: not proxied, and it works
+        finally:
+            px.stop_proxy()
+        px.start_proxy("--server", "192.0.2.1", "--server", px.server_addr(6))
+        assert proxied_syns(4) == 0  # another IPv4 address is the protected one
+        assert proxied_syns(6) == 1

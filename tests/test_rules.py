@@ -254,3 +254,52 @@ def test_installed_rules_tell_their_queues_and_bypass(backend: R.Backend, queue:
     assert installed.queues == want and installed.bypass is bypass
     listed = R.Installed(True, None, "tcp dport 8080 queue flags bypass to 5-6\ntcp sport 8080 queue to 7")  # nft list
     assert listed.queues == [5, 6, 7] and listed.bypass
+
+
+@pytest.mark.parametrize("mode", ["local", "gateway"])
+def test_servers_restrict_the_rules_per_family(lab: Lab, mode: str) -> None:
+    """--server: the rules match only the servers' addresses, each family its own; a family with
+    none gets no rule for the protected ports (its traffic passes, unproxied); the ICMP rules stay."""
+    before = snapshot(lab)
+    args = ["rules", "install", "--backend", "iptables", "--mode", mode, "--port", "8080",
+            "--server", "198.18.0.1", "--server", "203.0.113.0/28"]
+    out = cli(lab, *args).stdout
+    try:
+        assert "servers 198.18.0.1,203.0.113.0/28" in out, out
+        v4 = lab.run("server", ["iptables", "-t", "raw", "-S"]).stdout
+        v6 = lab.run("server", ["ip6tables", "-t", "raw", "-S"]).stdout
+        port_rules = [line for line in v4.splitlines() if "port 8080" in line]
+        assert len(port_rules) == 2 * 6, v4  # six rules match the ports, in either mode
+        for line in port_rules:  # iptables lists the two servers as one rule each
+            assert ("-d 198.18.0.1/32" in line or "-s 198.18.0.1/32" in line
+                    or "-d 203.0.113.0/28" in line or "-s 203.0.113.0/28" in line), line
+        assert "port 8080" not in v6 and "-p ipv6-icmp" in v6, v6
+        # the servers in another order, or repeated, are the same configuration
+        again = cli(lab, "rules", "install", "--backend", "iptables", "--mode", mode, "--port", "8080",
+                    "--server", "203.0.113.0/28", "--server", "198.18.0.1", "--server", "198.18.0.1")
+        assert "already installed" in again.stdout
+        # without --server it is another configuration
+        other = cli(lab, "rules", "install", "--backend", "iptables", "--mode", mode, "--port", "8080", check=False)
+        assert other.returncode == 1 and "another configuration" in other.stderr
+    finally:
+        assert "removed" in cli(lab, "rules", "remove", "--backend", "iptables").stdout
+    assert snapshot(lab) == before
+
+
+def test_server_rendering_without_a_kernel() -> None:
+    """Without --server the rules are exactly what they were; with, one rule per family that has
+    servers (iptables -4/-6 lines, nft ip/ip6 matches)."""
+    plain = R.RuleConfig(ports=(80,), mode=R.Mode.GATEWAY)
+    assert "-d " not in R.render(plain, R.Backend.IPTABLES) and "daddr" not in R.render(plain, R.Backend.NFT)
+    cfg = R.RuleConfig(ports=(80, 443), mode=R.Mode.GATEWAY, servers=("2001:db8::/64", "192.0.2.7"))
+    assert cfg.servers == ("192.0.2.7", "2001:db8::/64") and cfg.fingerprint != plain.fingerprint
+    ipt = R.render(cfg, R.Backend.IPTABLES)
+    assert "-4 -A SYNPROXY_PY_PRE -d 192.0.2.7 -p tcp -m multiport --dports 80,443 -j CT --notrack" in ipt
+    assert "-6 -A SYNPROXY_PY_PRE -s 2001:db8::/64 -p tcp -m multiport --sports 80,443 -m rpfilter --invert -j DROP" in ipt
+    nft = R.render(cfg, R.Backend.NFT)
+    assert "ip daddr 192.0.2.7 tcp dport { 80, 443 } notrack" in nft
+    assert "ip6 saddr 2001:db8::/64 tcp sport { 80, 443 } fib saddr . iif oif missing drop" in nft
+    v4_only = R.render(R.RuleConfig(ports=(80,), servers=("192.0.2.7",)), R.Backend.NFT)
+    assert "ip6 daddr" not in v4_only and "ip daddr 192.0.2.7 tcp dport 80" in v4_only
+    with pytest.raises(R.RulesError, match="host bits set"):
+        R.RuleConfig(ports=(80,), servers=("192.0.2.7/24",))
