@@ -985,6 +985,9 @@ class Engine:
     # at most an eighth of it is given to them, so clients that send data at once cannot fill
     # it for established connections. Beyond, data is dropped and the client sends it again.
     MAX_HELD_PACKETS = 1024
+    # And per connection, so one client sending tiny segments cannot take them all (a TCP's
+    # initial window is 10 segments; 64 KiB of full-sized ones are 45).
+    MAX_HELD_PER_CONNECTION = 64
 
     def _hold(self, conn: PendingConn, pkt: Packet, nothing_to_hold: Drop) -> Hold | Drop:
         """Keep client data that arrives before the server is connected (bounded), in the
@@ -1002,7 +1005,8 @@ class Engine:
             why = "held_duplicate"  # nothing new: a retransmission of what is held
         elif seq_after(pkt.seq, hs.held_next):
             why = "held_gap"  # an earlier segment is missing; the client retransmits both
-        elif hs.held_bytes + pkt.payload_len > self.config.pending_buffer_bytes:
+        elif (hs.held_bytes + pkt.payload_len > self.config.pending_buffer_bytes
+              or len(hs.held) >= self.MAX_HELD_PER_CONNECTION):
             why = "held_overflow"  # the client retransmits it after the handshake
         elif self.held_packets >= self.MAX_HELD_PACKETS:
             why = "held_limit"  # likewise

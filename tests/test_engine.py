@@ -706,6 +706,16 @@ def test_held_data_is_dropped_when_the_handshake_ends_without_the_server(end: st
     assert eng.held_packets == 0 and eng.conns == {}
 
 
+def test_held_packets_are_bounded_per_connection() -> None:
+    """One client's tiny segments cannot take every held slot: at most MAX_HELD_PER_CONNECTION."""
+    eng, f = make_engine(), Flow(ts=False)
+    synack = one(eng.handle(f.syn(), C2S, T0), "synack")
+    verdicts = [eng.handle(f.c(f.client_isn + 1 + i, synack.seq + 1, ACK | PSH, payload=b"."), C2S, T0)[0]
+                for i in range(Engine.MAX_HELD_PER_CONNECTION + 1)]
+    assert all(isinstance(v, Hold) for v in verdicts[:-1]) and verdicts[-1] == Drop("held_overflow")
+    assert eng.held_packets == Engine.MAX_HELD_PER_CONNECTION
+
+
 def test_held_packets_are_bounded_across_connections() -> None:
     """Beyond MAX_HELD_PACKETS held in the queue, data is dropped (the client sends it again)."""
     eng = make_engine()
