@@ -158,7 +158,9 @@ def summary(before: Samples, after: Samples, seconds: float, workers: Workers) -
 
     def queue(role: str) -> str:
         drops = rate("synproxy_nfqueue_dropped_total", queue=role)
-        line = (f"  {role + ' queue':15s} waiting {total(after, 'synproxy_nfqueue_waiting', queue=role):,.0f}, "
+        held = f" ({total(after, 'synproxy_held_packets'):,.0f} of them client data held for a server handshake)" \
+            if role == "traffic" and total(after, "synproxy_held_packets") else ""
+        line = (f"  {role + ' queue':15s} waiting {total(after, 'synproxy_nfqueue_waiting', queue=role):,.0f}{held}, "
                 f"kernel drops {drops:,.0f}/s ({total(after, 'synproxy_nfqueue_dropped_total', queue=role):,.0f} total)")
         if drops and role == "syn":
             line += ": more SYNs than the workers answer (add workers or cores)"

@@ -216,3 +216,15 @@ def test_a_worker_down_is_named_and_status_exits_1(tmp_path: Path, kinds: str, m
     assert res.stdout.startswith(f"synproxy {__version__}: {len(kinds) - len(missing)} of {len(kinds)} workers "
                                  f"answering; not {names}: "), res.stdout
     assert "SYNs" in res.stdout  # the summary of the others follows
+
+
+def test_held_client_data_is_shown_in_the_traffic_queue_line() -> None:
+    """Packets held for server handshakes wait in the traffic queue: status says how many of its
+    waiting packets they are, and says nothing while there are none."""
+    before, after = scrape(100, 0, 0), scrape(110, 0, 0)
+    after[("synproxy_nfqueue_waiting", (("queue", "traffic"),))] = 12.0
+    after[("synproxy_held_packets", ())] = 9.0
+    text = summary(before, after, 1.0, answering(1))
+    assert ("traffic queue   waiting 12 (9 of them client data held for a server handshake), kernel drops "
+            "0/s (0 total)") in text
+    assert "held for" not in summary(before, scrape(110, 0, 0), 1.0, answering(1))
