@@ -1020,12 +1020,15 @@ class Engine:
         hs.held_next = end
         return Hold(token)
 
+    def _take_held(self, hs: Handshake) -> list[tuple[int, bytes]]:
+        """What a pending connection held, no longer counted as held (its verdicts follow)."""
+        held, hs.held = hs.held, []
+        self.held_packets -= len(held)
+        return held
+
     def _discard_held(self, hs: Handshake) -> list[Action]:
         """Drop verdicts for what a pending connection held: it ended before the server answered."""
-        self.held_packets -= len(hs.held)
-        out: list[Action] = [Release(token, _HELD_DISCARDED) for token, _ in hs.held]
-        hs.held = []
-        return out
+        return [Release(token, _HELD_DISCARDED) for token, _ in self._take_held(hs)]
 
     def _from_client(self, pkt: Packet, key: ConnKey, conn: Conn, now: float) -> list[Action]:
         conn.seen = self._tick(now)
@@ -1250,7 +1253,7 @@ class Engine:
         # carries the ACK that completes the server's handshake, so no separate ACK goes: sent
         # by raw socket it could arrive after the data (see Hold), a stale duplicate.
         released: list[Action] = []
-        for token, raw in hs.held:
+        for token, raw in self._take_held(hs):
             held = P.parse(raw)
             if not released and not held.flags & ACK:  # (a client's TCP always sets it)
                 out.append(self._ack_to_server(key, conn, pkt, hs))
@@ -1258,8 +1261,6 @@ class Engine:
             released.append(Release(token, verdict if isinstance(verdict, Accept | Drop) else _HELD_DISCARDED))
         if not released:
             out.append(self._ack_to_server(key, conn, pkt, hs))
-        self.held_packets -= len(hs.held)
-        hs.held = []
         out.extend(released)
         # Tell the client the server's real window, in the scale the client uses.
         window = rescale_window(pkt.window, 0, shape.client_recv_shift)  # a SYN-ACK's window is unscaled
