@@ -92,12 +92,12 @@ class ServerAddress(click.ParamType):
     name = "ADDR[/LEN]"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
-        from .rules import RulesError, server_spec
+        from .rules import server_spec
 
         try:
             return server_spec(str(value))
-        except RulesError as err:
-            self.fail(str(err).removeprefix(f"--server {value}: "), param, ctx)
+        except ValueError as err:
+            self.fail(str(err), param, ctx)
 
 
 def _toml_type_error(param: click.Parameter, value: Any) -> str | None:

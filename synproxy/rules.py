@@ -63,8 +63,13 @@ class RuleConfig:
     servers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "servers", tuple(sorted({server_spec(s) for s in self.servers},
-                                                         key=lambda s: (":" in s, s))))
+        specs = set()
+        for server in self.servers:
+            try:
+                specs.add(server_spec(server))
+            except ValueError as err:
+                raise RulesError(f"--server {server}: {err}") from None
+        object.__setattr__(self, "servers", tuple(sorted(specs, key=lambda s: (":" in s, s))))
         if not self.ports:
             raise RulesError("at least one protected port is required")
         for port in self.ports:
@@ -102,12 +107,12 @@ class RuleConfig:
 
 
 def server_spec(value: str) -> str:
-    """A --server value as the rules write it: an address, or a prefix (203.0.113.0/28)."""
+    """A --server value as the rules write it: an address, or a prefix (203.0.113.0/28).
+    ValueError, saying what is wrong, for anything else."""
     try:
         net = ipaddress.ip_network(value.strip(), strict=True)
     except ValueError as err:
-        raise RulesError(f"--server {value}: {err} (give an address, or a prefix such as 203.0.113.0/28)") \
-            from None
+        raise ValueError(f"{err} (give an address, or a prefix such as 203.0.113.0/28)") from None
     return str(net.network_address) if net.prefixlen == net.max_prefixlen else net.with_prefixlen
 
 
