@@ -158,8 +158,8 @@ def summary(before: Samples, after: Samples, seconds: float, workers: Workers) -
 
     def queue(role: str) -> str:
         drops = rate("synproxy_nfqueue_dropped_total", queue=role)
-        held = f" ({total(after, 'synproxy_held_packets'):,.0f} of them client data held for a server handshake)" \
-            if role == "traffic" and total(after, "synproxy_held_packets") else ""
+        held_packets = total(after, "synproxy_held_packets") if role == "traffic" else 0.0
+        held = f" ({held_packets:,.0f} of them client data held for a server handshake)" if held_packets else ""
         line = (f"  {role + ' queue':15s} waiting {total(after, 'synproxy_nfqueue_waiting', queue=role):,.0f}{held}, "
                 f"kernel drops {drops:,.0f}/s ({total(after, 'synproxy_nfqueue_dropped_total', queue=role):,.0f} total)")
         if drops and role == "syn":
