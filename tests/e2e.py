@@ -137,11 +137,13 @@ class Proxied:
     def count_server_syns(self) -> None:
         """Count, from now on, the SYNs to the protected ports that reach the server host's
         INPUT chain: past the proxy's queues, so only the proxy's own (replayed) SYNs, unless
-        something crossed that the proxy did not validate."""
+        something crossed that the proxy did not validate. Once: a second call adds no second
+        rule (each would count every SYN again)."""
         for tool in ("iptables", "ip6tables"):
             for port in (SERVER_PORT, SINK_PORT):
-                self.lab.run("server", [tool, "-w", "-I", "INPUT", "-p", "tcp", "--syn", "--dport", str(port),
-                                        "-m", "comment", "--comment", self.SYN_PROBE])
+                rule = ["INPUT", "-p", "tcp", "--syn", "--dport", str(port), "-m", "comment", "--comment", self.SYN_PROBE]
+                if self.lab.run("server", [tool, "-w", "-C", *rule], check=False).returncode != 0:
+                    self.lab.run("server", [tool, "-w", "-I", *rule])
 
     def server_syns(self) -> int:
         """SYNs (IPv4 and IPv6) counted since `count_server_syns`."""
