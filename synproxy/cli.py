@@ -373,8 +373,8 @@ def _limit_options(func: Any) -> Any:
                    "second before are resent (0 = never).")
 @click.option("--overload-backlog", type=click.IntRange(0, 1023), default=512, show_default=True,
               envvar="SYNPROXY_OVERLOAD_BACKLOG", show_envvar=True,
-              help="Once a worker's 1024-SYN queue has been full (the kernel dropped SYNs, or with --queue-bypass "
-                   "passed them to the server), the SYNs waiting at "
+              help="Once 1024 SYNs have waited in a worker's queue (or the kernel dropped SYNs from it), the SYNs "
+                   "waiting at "
                    "which the worker is behind: it then sheds first attempts, remembers them for 4-8 s and "
                    "answers each one's first retransmission (0 = off: the kernel drops the overflow at random, "
                    "retransmissions included, or with --queue-bypass passes it to the server). With --queue-bypass "

@@ -66,9 +66,10 @@ class OverloadGate:
     """Whether a worker is behind on its SYNs: the input Engine.overloaded.
 
     Shedding starts when the kernel drops SYNs because the queue is full, or the queue
-    is found full (with --queue-bypass the kernel passes the overflow to the server
-    instead, and counts nothing): only then would SYNs be lost anyway, at random. A burst that fits the 1,024-SYN queue is
-    left alone: 1,000 connects at once from one host (a client pool reconnecting)
+    is found full (1,024 SYNs, Shell.SYN_QUEUE_MAXLEN, of the kernel's 4,096; with
+    --queue-bypass the kernel passes its overflow to the server instead, and counts
+    nothing): only then would SYNs have been lost anyway, at random, without the room
+    above. A burst that fits the 1,024-SYN queue is left alone: 1,000 connects at once from one host (a client pool reconnecting)
     drain in well under a second, and shedding whenever 512 were waiting made up to
     a third of them wait 1 s for their retransmission. From then on a full batch
     that finds `backlog` or more SYNs behind it is shed, until EXIT passes without
@@ -228,9 +229,17 @@ class Shell:
     # of 64 answered 10-14% more SYNs per core than rounds of 16. Traffic that arrives
     # meanwhile waits for up to one such round (~0.7 ms).
     SYN_BATCH_IDLE = 64
-    # A short SYN queue: beyond capacity the kernel drops the excess either way, and a SYN
-    # that is answered should not first wait behind thousands (1024 is ~12 ms of work).
+    # The SYN queue counts as full at 1024 SYNs (~12 ms of work): a SYN that is answered should
+    # not first wait behind thousands. Without overload shedding that is the kernel's queue,
+    # which drops the excess either way.
     SYN_QUEUE_MAXLEN = 1024
+    # With overload shedding the worker keeps the queue near --overload-backlog once it has
+    # been full, and the kernel's queue has room for this many: the room above
+    # SYN_QUEUE_MAXLEN takes what arrives while the worker is not running (a pause of 10 ms
+    # is over 1,000 SYNs at hping3's full speed), which a queue of 1024 dropped at random.
+    # A full-speed flood against one worker: the kernel dropped 0.5-2.4% of the SYNs with
+    # 1024 and 0-0.12% with this, in eight runs of 12 s each.
+    SYN_QUEUE_ROOM = 4096
     # How long a drop verdict may wait to leave with others: at moderate flood rates the
     # proxy wakes for every SYN or two, and a write per wake-up was an eighth of its CPU.
     DROP_DELAY = 0.002
@@ -398,7 +407,7 @@ class Shell:
             poller.register(fd, select.POLLIN)
         rounds = [self.TRAFFIC_BATCHES] + [1] * (len(queues) - 1)
         syn_queue = len(queues) - 1  # the SYN queue, or the only queue
-        syn_maxlen = self.SYN_QUEUE_MAXLEN if len(queues) > 1 else self._queue_maxlen
+        syn_full = self.SYN_QUEUE_MAXLEN if len(queues) > 1 else self._queue_maxlen  # see OverloadGate
         gate = OverloadGate(self.overload_backlog, self.fail_open)
         ready = [True] * len(queues)
         drops_due: float | None = None  # when held drop verdicts must leave
@@ -421,7 +430,7 @@ class Shell:
                         if depth is not None and i == syn_queue and len(batch) >= want:
                             status = depth.status()
                             behind = gate.update(status.waiting - queue.unanswered, status.dropped_queue_full, now,
-                                                 full=status.waiting >= syn_maxlen)
+                                                 full=status.waiting >= syn_full)
                         if behind:
                             engine.overloaded = True
                             try:
@@ -455,20 +464,24 @@ class Shell:
         `on_bound` runs once the queue is bound (the daemon installs its rules
         then, so no packet is queued before a reader exists).
         """
-        queues = [open_queue(self.binding, self.queue_num, self._queue_maxlen, self.fail_open, self.BATCH)]
-        try:
-            if self.syn_queue_num is not None:
-                queues.append(open_queue(self.binding, self.syn_queue_num, self.SYN_QUEUE_MAXLEN, self.fail_open,
-                                         self.BATCH))
-        except BaseException:
-            queues[0].close()
-            raise
         depth = None
         if self.overload_backlog:
             try:
                 depth = QueueDepth(self.queue_num if self.syn_queue_num is None else self.syn_queue_num)
             except OSError as err:  # /proc without netfilter's files: shed nothing, say so
                 log.warning("cannot read the queue's length (%s): SYNs beyond capacity are dropped at random", err)
+        syn_room = self.SYN_QUEUE_MAXLEN if depth is None else self.SYN_QUEUE_ROOM
+        queues: list[QueueReader] = []
+        try:
+            queues.append(open_queue(self.binding, self.queue_num, self._queue_maxlen, self.fail_open, self.BATCH))
+            if self.syn_queue_num is not None:
+                queues.append(open_queue(self.binding, self.syn_queue_num, syn_room, self.fail_open, self.BATCH))
+        except BaseException:
+            for queue in queues:
+                queue.close()
+            if depth is not None:
+                depth.close()
+            raise
         old = {s: signal.signal(s, self.stop) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             if on_bound is not None:

@@ -260,7 +260,8 @@ def test_fail_open_syn_flood_beyond_capacity_is_shed_not_passed() -> None:
     an overflow crosses rather than drops, the worker sheds every full batch with a SYN behind it,
     so the queue stays far from full. Measured against the same flood with shedding off: on this VM
     0.1-2.1% of the SYNs crossed in six runs and no legitimate connection failed, against 66-73%
-    and 83-134 of ~220; but in a seventh (a CI run) 54% crossed against 73%: beyond what the
+    and 83-134 of ~220 (0 in nine runs since the queue has room for 4,096 SYNs while shedding);
+    but in a seventh (a CI run) 54% crossed against 73%: beyond what the
     worker sheds, crossed SYNs make the server's own stack (on the same two cores) answer them,
     which leaves the worker less CPU still. So the test asks what holds in every run: shedding
     starts on a full queue, and less crosses and no more legitimate connections fail than with

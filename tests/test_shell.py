@@ -89,18 +89,20 @@ class _Engine:
 
 class _Depth:
     """The kernel's figures for the SYN queue: it holds everything not yet given a verdict,
-    and it has dropped SYNs (so the gate lets the proxy shed from the first batch)."""
+    and it has dropped SYNs (so the gate lets the proxy shed from the first batch), unless
+    `drops` is False."""
 
-    def __init__(self, queue: _Queue) -> None:
-        self.queue, self.asked = queue, 0
+    def __init__(self, queue: _Queue, drops: bool = True) -> None:
+        self.queue, self.asked, self.drops = queue, 0, drops
 
     def status(self) -> QueueStatus:
         self.asked += 1
-        return QueueStatus(1, self.queue.left + self.queue.in_hand, self.asked, 0, 0)  # the batch in hand counts too
+        dropped = self.asked if self.drops else 0
+        return QueueStatus(1, self.queue.left + self.queue.in_hand, dropped, 0, 0)  # the batch in hand counts too
 
 
 def _run(traffic: int, syns: int, shed: bool = False, engine_log: list[bool] | None = None,
-         depth_log: list[int] | None = None) -> list[tuple[str, int]]:
+         depth_log: list[int] | None = None, kernel_drops: bool = True) -> list[tuple[str, int]]:
     reads: list[tuple[str, int]] = []
     queues = [_Queue("traffic", traffic, reads), _Queue("syn", syns, reads)]
     shell = Shell.__new__(Shell)  # no kernel queues or sockets: the loop alone
@@ -109,7 +111,7 @@ def _run(traffic: int, syns: int, shed: bool = False, engine_log: list[bool] | N
     shell.sender, shell.stats, shell.clock = _Sender(_Wire()), ShellStats(), lambda: 0.0  # type: ignore[assignment]
     shell.on_tick, shell._stop, shell._next_tick, shell._service_due = None, False, 0.0, 0.0
     shell.overload_backlog, shell.fail_open = Shell.OVERLOAD_BACKLOG, False
-    depth = _Depth(queues[1]) if shed else None
+    depth = _Depth(queues[1], kernel_drops) if shed else None
     try:
         shell._serve(queues, depth)  # type: ignore[arg-type]
     finally:
@@ -207,6 +209,52 @@ def test_drops_seen_long_ago_do_not_start_shedding() -> None:
     # Drops happened some time in the next ten minutes; the next full batch is a burst.
     assert not gate.update(800, 500, 700.0)
     assert not gate.update(700, 500, 700.01)
+
+
+def test_shedding_starts_at_a_full_queue_before_the_kernel_drops() -> None:
+    """The kernel's queue has room beyond SYN_QUEUE_MAXLEN (SYN_QUEUE_ROOM), so a queue that long
+    counts as full and starts the shedding without a drop; one SYN less does not."""
+    batch = Shell.SYN_BATCH_IDLE
+    for waiting, shed in ((Shell.SYN_QUEUE_MAXLEN, True), (Shell.SYN_QUEUE_MAXLEN - 1, False)):
+        seen: list[bool] = []
+        _run(traffic=0, syns=waiting, shed=True, engine_log=seen, kernel_drops=False)
+        assert seen[0] is shed and seen[batch] is shed, waiting
+    assert Shell.SYN_QUEUE_ROOM > Shell.SYN_QUEUE_MAXLEN
+
+
+@pytest.mark.parametrize("backlog, depth_fails, room", [
+    (Shell.OVERLOAD_BACKLOG, False, Shell.SYN_QUEUE_ROOM),
+    (0, False, Shell.SYN_QUEUE_MAXLEN),  # no shedding: the kernel drops beyond the short queue
+    (Shell.OVERLOAD_BACKLOG, True, Shell.SYN_QUEUE_MAXLEN),  # no queue length, no shedding: likewise
+])
+def test_the_syn_queue_has_room_beyond_full_only_while_shedding(monkeypatch: pytest.MonkeyPatch, backlog: int,
+                                                                 depth_fails: bool, room: int) -> None:
+    opened: list[tuple[int, int]] = []
+
+    class _Opened:
+        def close(self) -> None:
+            pass
+
+    def fake_open(binding: Any, queue_num: int, maxlen: int, fail_open: bool, batch: int) -> _Opened:
+        opened.append((queue_num, maxlen))
+        return _Opened()
+
+    class _FakeDepth:
+        def __init__(self, queue_num: int) -> None:
+            if depth_fails:
+                raise OSError("no such file")
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr("synproxy.shell.open_queue", fake_open)
+    monkeypatch.setattr("synproxy.shell.QueueDepth", _FakeDepth)
+    shell = Shell.__new__(Shell)  # no kernel queues or sockets
+    shell.binding, shell.queue_num, shell.syn_queue_num, shell.fail_open = None, 7, 8, False  # type: ignore[assignment]
+    shell._queue_maxlen, shell.overload_backlog, shell.sender = 8192, backlog, _Opened()  # type: ignore[assignment]
+    monkeypatch.setattr(Shell, "_serve", lambda self, queues, depth: None)
+    shell.run()
+    assert opened == [(7, 8192), (8, room)]
 
 
 def test_no_overload_without_a_queue_length() -> None:
