@@ -14,8 +14,8 @@ Life of a connection:
                             update to the client; state ESTABLISHED; the SYN-ACK is stolen.
   everything after       -> translated both ways: seq/ack, SACK blocks, TSval/TSecr,
                             window values rescaled between the two window scales.
-  FIN both ways, RST,    -> state removed (after a short linger for retransmissions).
-  idle timeout
+  FIN both ways, RST,    -> state removed (after a short linger for retransmissions);
+  idle timeout              after the idle timeout the server gets a RST.
 A client's RST counts only as the server would take it (RFC 5961): out of the window the
 server last announced it is dropped; in it but not at the next expected sequence number it
 is passed on and the server asked (a keepalive-style probe) whether its socket is still there;
@@ -753,7 +753,7 @@ class Engine:
         if self._resends:
             self._resend_synacks(now, out)
         if now >= self._sweep_at and (self.limits.established or self._sweep_keys):
-            self._sweep(now)
+            self._sweep(now, out)
         self.retries.forget_old(now)
         return out
 
@@ -801,8 +801,13 @@ class Engine:
                 if later is not None:
                     later.push(now + self.RESEND_FIRST * 2 ** (retry + 1), synack)
 
-    def _sweep(self, now: float) -> None:
-        """Expire idle established connections, a batch at a time."""
+    def _sweep(self, now: float, out: list[Action]) -> None:
+        """Expire idle established connections, a batch at a time.
+
+        The server gets a RST at the sequence number it last acknowledged, which it takes
+        exactly: without the proxy's state the connection cannot go on, and a server that
+        waits for its client (or a connection opened by a forged cookie, whose client does
+        not exist) would otherwise keep its socket until it writes to it."""
         if not self._sweep_keys:
             self._sweep_keys = list(self.conns)
         batch = self._sweep_keys[-self.SWEEP_BATCH :]
@@ -815,6 +820,9 @@ class Engine:
                 self.limits.closed(self._source(key), was_pending=False)
                 self.stats.closed["idle"] += 1
                 del self.conns[key]
+                family, client, cport, server, sport = split_key(key)
+                rst = P.build(family, client, server, cport, sport, conn.client_next, 0, RST, 0)
+                out.append(Send(family, server, rst, Direction.FROM_CLIENT, "rst"))
         # A whole pass takes at most a tenth of the idle timeout (or a minute).
         passes = max(1, len(self.conns) // self.SWEEP_BATCH)
         self._sweep_at = now + (0.0 if self._sweep_keys else min(idle / 10, 60.0)) + min(1.0, 1.0 / passes)

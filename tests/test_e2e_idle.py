@@ -1,6 +1,6 @@
 """Idle connections end to end, on a shortened scale (--idle-timeout 6 s stands for the default
 7440 s; the 10-minute idle is an engine-level test): idle within the limit still delivers, idle
-beyond it is forgotten and counted."""
+beyond it is forgotten and counted, and the server's socket reset."""
 
 from __future__ import annotations
 
@@ -32,9 +32,13 @@ def test_idle_within_limit_delivers_and_beyond_is_forgotten() -> None:
         px.start_proxy("--idle-timeout", "6")
         within = px.lab.run("client", [PYTHON, "-c", HOLD, px.server_addr(4), str(SINK_PORT), "4", "5"], timeout=30)
         assert within.stdout.strip() == "early-late"
+        resets = px.snmp("server")["EstabResets"]
         beyond = px.lab.run("client", [PYTHON, "-c", HOLD, px.server_addr(4), str(SINK_PORT), "10", "3"], timeout=30)
         m = px.metrics()
         assert m['synproxy_connections_closed_total{reason="idle"}'] >= 1
+        # The server's socket was reset by the proxy when it forgot the connection (EstabResets
+        # counts an established socket that a RST closed), not left waiting for the client.
+        assert px.snmp("server")["EstabResets"] - resets == 1
         # Its state is gone: the late bytes find no translation and are dropped, so no answer comes.
         assert beyond.stdout.strip() in ("TimeoutError", "ConnectionResetError"), beyond.stdout
         assert px.client("chunks", px.server_addr(4), str(SINK_PORT), "--chunks", "3,5")["ok"]

@@ -428,10 +428,30 @@ def test_idle_timeout_and_activity_extends_it() -> None:
     eng.handle(f.c(f.client_isn + 1, 0, ACK), C2S, T0 + 500)
     eng.handle_timer(T0 + 601)
     assert len(eng.conns) == 1  # active at 500: lives at least until 1140
-    gone_at = next(t for t in range(601, 2000) if not eng.handle_timer(T0 + t) and not eng.conns)
+    gone_at = next(t for t in range(601, 2000) if eng.handle_timer(T0 + t) is not None and not eng.conns)
     assert eng.stats.closed["idle"] == 1
     # never before the timeout; at most two ticks plus one sweep interval (a tenth of it) later
     assert 500 + 640 < gone_at <= 500 + 640 + 2 * 10 + 64 + 1
+
+
+def test_idle_expiry_resets_the_server_at_what_it_last_acknowledged() -> None:
+    """Without the proxy's state the connection cannot go on; the server, which may be waiting for
+    its client (or for one a forged cookie made up), gets a RST it takes exactly. The client gets
+    nothing: the proxy does not know the sequence number it expects."""
+    eng, f = make_engine(idle_timeout=640.0), Flow(ts=True)
+    synack, _, _ = handshake(eng, f)
+    accepted(eng.handle(f.c(f.client_isn + 1, synack.seq + 1, ACK | PSH, payload=b"hello", ts=(10, synack.options.ts[0])),
+                        C2S, T0 + 1))
+    accepted(eng.handle(f.s(f.server_isn + 1, f.client_isn + 6, ACK, ts=(20, 10)), S2C, T0 + 1))
+    out: list = []
+    for t in range(2, 2000):
+        out = eng.handle_timer(T0 + t)
+        if not eng.conns:
+            break
+    rst = one(out, "rst")
+    assert len(out) == 1 and rst.dst == f.server and rst.src == f.client
+    assert (rst.sport, rst.dport, rst.seq, rst.ack, rst.flags) == (f.cport, 80, f.client_isn + 6, 0, RST)
+    assert eng.stats.closed["idle"] == 1 and eng.established == 0
 
 
 def test_new_connection_on_same_tuple_after_close() -> None:
