@@ -66,12 +66,13 @@ class OverloadGate:
     """Whether a worker is behind on its SYNs: the input Engine.overloaded.
 
     Shedding starts when the kernel drops SYNs because the queue is full, or the queue
-    is found full (1,024 SYNs, Shell.SYN_QUEUE_MAXLEN, of the kernel's 4,096; with
+    is found full (1,024 SYNs, Shell.SYN_QUEUE_FULL, of the kernel's 4,096; with
     --queue-bypass the kernel passes its overflow to the server instead, and counts
     nothing): only then would SYNs have been lost anyway, at random, without the room
-    above. A burst that fits the 1,024-SYN queue is left alone: 1,000 connects at once from one host (a client pool reconnecting)
-    drain in well under a second, and shedding whenever 512 were waiting made up to
-    a third of them wait 1 s for their retransmission. From then on a full batch
+    above. A burst that fits 1,024 SYNs is left alone: 1,000 connects at once from one
+    host (a client pool reconnecting) drain in well under a second, and shedding
+    whenever 512 were waiting made up to a third of them wait 1 s for their
+    retransmission. From then on a full batch
     that finds `backlog` or more SYNs behind it is shed, until EXIT passes without
     one, so the queue stays near `backlog` instead of overflowing again.
     """
@@ -230,12 +231,12 @@ class Shell:
     # meanwhile waits for up to one such round (~0.7 ms).
     SYN_BATCH_IDLE = 64
     # The SYN queue counts as full at 1024 SYNs (~12 ms of work): a SYN that is answered should
-    # not first wait behind thousands. Without overload shedding that is the kernel's queue,
-    # which drops the excess either way.
-    SYN_QUEUE_MAXLEN = 1024
+    # not first wait behind thousands. Without overload shedding that is the kernel queue's
+    # length, and the kernel drops the excess either way.
+    SYN_QUEUE_FULL = 1024
     # With overload shedding the worker keeps the queue near --overload-backlog once it has
     # been full, and the kernel's queue has room for this many: the room above
-    # SYN_QUEUE_MAXLEN takes what arrives while the worker is not running (a pause of 10 ms
+    # SYN_QUEUE_FULL takes what arrives while the worker is not running (a pause of 10 ms
     # is over 1,000 SYNs at hping3's full speed), which a queue of 1024 dropped at random.
     # A full-speed flood against one worker: the kernel dropped 0.5-2.4% of the SYNs with
     # 1024 and 0-0.12% with this, in eight runs of 12 s each.
@@ -245,7 +246,7 @@ class Shell:
     DROP_DELAY = 0.002
     # SYNs waiting (beyond those in hand) at which the proxy is behind, once the kernel
     # has had to drop SYNs (OverloadGate): the default of --overload-backlog, about 6 ms
-    # of work. Below SYN_QUEUE_MAXLEN, so the proxy then sheds first attempts itself and
+    # of work. Below SYN_QUEUE_FULL, so the proxy then sheds first attempts itself and
     # remembers them (Engine.overloaded) instead of the kernel dropping SYNs at random,
     # retransmissions included.
     OVERLOAD_BACKLOG = 512
@@ -279,8 +280,8 @@ class Shell:
             raise ShellError(str(err)) from err
         self.binding = binding
         self.fail_open = fail_open
-        if not 0 <= overload_backlog < self.SYN_QUEUE_MAXLEN:
-            raise ShellError(f"--overload-backlog must be 0 (off) to {self.SYN_QUEUE_MAXLEN - 1}, "
+        if not 0 <= overload_backlog < self.SYN_QUEUE_FULL:
+            raise ShellError(f"--overload-backlog must be 0 (off) to {self.SYN_QUEUE_FULL - 1}, "
                              f"got {overload_backlog}")
         self.overload_backlog = overload_backlog  # 0: never shed; the kernel drops the overflow
         self._stop = False
@@ -407,7 +408,7 @@ class Shell:
             poller.register(fd, select.POLLIN)
         rounds = [self.TRAFFIC_BATCHES] + [1] * (len(queues) - 1)
         syn_queue = len(queues) - 1  # the SYN queue, or the only queue
-        syn_full = self.SYN_QUEUE_MAXLEN if len(queues) > 1 else self._queue_maxlen  # see OverloadGate
+        syn_full = self.SYN_QUEUE_FULL if len(queues) > 1 else self._queue_maxlen  # see OverloadGate
         gate = OverloadGate(self.overload_backlog, self.fail_open)
         ready = [True] * len(queues)
         drops_due: float | None = None  # when held drop verdicts must leave
@@ -470,7 +471,7 @@ class Shell:
                 depth = QueueDepth(self.queue_num if self.syn_queue_num is None else self.syn_queue_num)
             except OSError as err:  # /proc without netfilter's files: shed nothing, say so
                 log.warning("cannot read the queue's length (%s): SYNs beyond capacity are dropped at random", err)
-        syn_room = self.SYN_QUEUE_MAXLEN if depth is None else self.SYN_QUEUE_ROOM
+        syn_room = self.SYN_QUEUE_FULL if depth is None else self.SYN_QUEUE_ROOM
         queues: list[QueueReader] = []
         try:
             queues.append(open_queue(self.binding, self.queue_num, self._queue_maxlen, self.fail_open, self.BATCH))

@@ -212,20 +212,20 @@ def test_drops_seen_long_ago_do_not_start_shedding() -> None:
 
 
 def test_shedding_starts_at_a_full_queue_before_the_kernel_drops() -> None:
-    """The kernel's queue has room beyond SYN_QUEUE_MAXLEN (SYN_QUEUE_ROOM), so a queue that long
+    """The kernel's queue has room beyond SYN_QUEUE_FULL (SYN_QUEUE_ROOM), so a queue that long
     counts as full and starts the shedding without a drop; one SYN less does not."""
     batch = Shell.SYN_BATCH_IDLE
-    for waiting, shed in ((Shell.SYN_QUEUE_MAXLEN, True), (Shell.SYN_QUEUE_MAXLEN - 1, False)):
+    for waiting, shed in ((Shell.SYN_QUEUE_FULL, True), (Shell.SYN_QUEUE_FULL - 1, False)):
         seen: list[bool] = []
         _run(traffic=0, syns=waiting, shed=True, engine_log=seen, kernel_drops=False)
         assert seen[0] is shed and seen[batch] is shed, waiting
-    assert Shell.SYN_QUEUE_ROOM > Shell.SYN_QUEUE_MAXLEN
+    assert Shell.SYN_QUEUE_ROOM > Shell.SYN_QUEUE_FULL
 
 
 @pytest.mark.parametrize("backlog, depth_fails, room", [
     (Shell.OVERLOAD_BACKLOG, False, Shell.SYN_QUEUE_ROOM),
-    (0, False, Shell.SYN_QUEUE_MAXLEN),  # no shedding: the kernel drops beyond the short queue
-    (Shell.OVERLOAD_BACKLOG, True, Shell.SYN_QUEUE_MAXLEN),  # no queue length, no shedding: likewise
+    (0, False, Shell.SYN_QUEUE_FULL),  # no shedding: the kernel drops beyond the short queue
+    (Shell.OVERLOAD_BACKLOG, True, Shell.SYN_QUEUE_FULL),  # no queue length, no shedding: likewise
 ])
 def test_the_syn_queue_has_room_beyond_full_only_while_shedding(monkeypatch: pytest.MonkeyPatch, backlog: int,
                                                                  depth_fails: bool, room: int) -> None:
