@@ -269,6 +269,14 @@ def split_key(key: ConnKey) -> tuple[int, bytes, int, bytes, int]:
     return 6, client, cport, server, sport
 
 
+def _reset_server(key: ConnKey, seq: int) -> Send:
+    """A RST from the client of `key` to its server at `seq` (ack none): what ends the server's
+    socket when the proxy gives a connection up."""
+    family, client, cport, server, sport = split_key(key)
+    rst = P.build(family, client, server, cport, sport, seq & U32, 0, RST, 0)
+    return Send(family, server, rst, Direction.FROM_CLIENT, "rst")
+
+
 @dataclass(slots=True)
 class Handshake:
     """What the proxy holds only while the server handshake is in flight."""
@@ -820,9 +828,7 @@ class Engine:
                 self.limits.closed(self._source(key), was_pending=False)
                 self.stats.closed["idle"] += 1
                 del self.conns[key]
-                family, client, cport, server, sport = split_key(key)
-                rst = P.build(family, client, server, cport, sport, conn.client_next, 0, RST, 0)
-                out.append(Send(family, server, rst, Direction.FROM_CLIENT, "rst"))
+                out.append(_reset_server(key, conn.client_next))
         # A whole pass takes at most a tenth of the idle timeout (or a minute).
         passes = max(1, len(self.conns) // self.SWEEP_BATCH)
         self._sweep_at = now + (0.0 if self._sweep_keys else min(idle / 10, 60.0)) + min(1.0, 1.0 / passes)
@@ -1333,8 +1339,7 @@ class Engine:
         if now >= hs.gives_up_at:
             self.stats.backend_handshakes["timeout"] += 1
             # Clean the server's half-open socket too, in case only its SYN-ACK was lost.
-            rst = P.build(family, client, server, cport, sport, (hs.client_isn + 1) & U32, 0, RST, 0)
-            return [Send(family, server, rst, Direction.FROM_CLIENT, "rst"), *self._reset_client(key, conn, "timeout")]
+            return [_reset_server(key, hs.client_isn + 1), *self._reset_client(key, conn, "timeout")]
         self._set_timer(key, conn, min(now + self.config.syn_retry_interval, hs.gives_up_at))
         return [Send(family, server, hs.syn, Direction.FROM_CLIENT, "syn")]
 
@@ -1348,10 +1353,9 @@ class Engine:
 
     def _abort_pending(self, key: ConnKey, conn: PendingConn, why: str) -> list[Action]:
         self.stats.backend_handshakes["aborted"] += 1  # the client gave up first
-        family, client, cport, server, sport = split_key(key)
-        rst = P.build(family, client, server, cport, sport, (conn.handshake.client_isn + 1) & U32, 0, RST, 0)
+        rst = _reset_server(key, conn.handshake.client_isn + 1)
         self._remove(key, conn, why)
-        return [Drop(why), Send(family, server, rst, Direction.FROM_CLIENT, "rst"), *self._discard_held(conn.handshake)]
+        return [Drop(why), rst, *self._discard_held(conn.handshake)]
 
     def _remove(self, key: ConnKey, conn: Conn, why: str) -> None:
         if not isinstance(conn, ClosingConn):
