@@ -363,8 +363,8 @@ def _limit_options(func: Any) -> Any:
               help="Seconds to wait for the server's SYN-ACK before resetting the client.")
 @click.option("--idle-timeout", type=FiniteRange(1), default=7440.0, show_default=True,
               envvar="SYNPROXY_IDLE_TIMEOUT", show_envvar=True,
-              help="Seconds an established connection may be idle before its state is dropped and the server "
-                   "gets a RST for it.")
+              help="Seconds an established connection may be idle before its state is dropped and both ends "
+                   "get a RST for it.")
 @click.option("--synack-retries", type=click.IntRange(0, 5), default=2, show_default=True,
               envvar="SYNPROXY_SYNACK_RETRIES", show_envvar=True,
               help="Resends of an unanswered SYN-ACK, 1 s, 3 s, 7 s ... after it, as a server's TCP does: a "

@@ -15,7 +15,7 @@ Life of a connection:
   everything after       -> translated both ways: seq/ack, SACK blocks, TSval/TSecr,
                             window values rescaled between the two window scales.
   FIN both ways, RST,    -> state removed (after a short linger for retransmissions);
-  idle timeout              after the idle timeout the server gets a RST.
+  idle timeout              after the idle timeout both ends get a RST.
 A client's RST counts only as the server would take it (RFC 5961): out of the window the
 server last announced it is dropped; in it but not at the next expected sequence number it
 is passed on and the server asked (a keepalive-style probe) whether its socket is still there;
@@ -141,6 +141,9 @@ _ECN_SETUP = ECE | CWR  # a SYN asking for ECN has both; an agreeing SYN-ACK ECE
 # backend connection for a packet the server itself would have ignored.
 _SYN_WITH_FIN_OR_RST = Drop("bad_flags")
 _LOW64 = (1 << 64) - 1
+# Conn.offsets without the fields a server's packet sets (client_next, server_window).
+_WITHOUT_SERVER_ACK = _LOW64 | U32 << 112
+_BELOW_SERVER_NEXT = (1 << 112) - 1  # Conn.offsets without server_next
 _V4_BROADCAST = b"\xff\xff\xff\xff"
 _V6_MAPPED = bytes(10) + b"\xff\xff"
 _V6_UNSPECIFIED, _V6_LOOPBACK = bytes(16), bytes(15) + b"\x01"
@@ -277,6 +280,14 @@ def _reset_server(key: ConnKey, seq: int) -> Send:
     return Send(family, server, rst, Direction.FROM_CLIENT, "rst")
 
 
+def _reset_client_at(key: ConnKey, seq: int) -> Send:
+    """A RST from the server of `key` to its client at `seq` (ack none): what ends the client's
+    socket when the proxy gives an established connection up."""
+    family, client, cport, server, sport = split_key(key)
+    rst = P.build(family, server, client, sport, cport, seq & U32, 0, RST, 0)
+    return Send(family, client, rst, Direction.FROM_SERVER, "rst")
+
+
 @dataclass(slots=True)
 class Handshake:
     """What the proxy holds only while the server handshake is in flight."""
@@ -357,10 +368,12 @@ class Conn:
     shape: Shape
     seen: int  # tick of the last packet (see IDLE_TICKS)
     # seq_offset | ts_offset << 32 (see Translation) | client_next << 64 | server_window
-    # << 96: one int where four cost 128 bytes. Adding or subtracting it mod 2**32 applies
-    # seq_offset as it is; only the timestamps need the shift (and the mask after it).
-    # client_next and server_window are the ACK number and window field of the server's
-    # latest packet: where the server takes a client's RST (see Engine._client_rst).
+    # << 96 | server_next << 112: one int where five cost 160 bytes. Adding or subtracting it
+    # mod 2**32 applies seq_offset as it is; only the timestamps need the shift (and the mask
+    # after it). client_next and server_window are the ACK number and window field of the
+    # server's latest packet: where the server takes a client's RST (see Engine._client_rst).
+    # server_next is the client's latest ACK number: where the client takes the proxy's RST
+    # when the connection is given up (Engine._sweep).
     offsets: int = 0
 
     @property
@@ -371,7 +384,12 @@ class Conn:
     @property
     def server_window(self) -> int:
         """The window of the server's latest packet, in bytes (its field, in the server's scale)."""
-        return self.offsets >> 96 << self.shape.server_send_shift
+        return (self.offsets >> 96 & 0xFFFF) << self.shape.server_send_shift
+
+    @property
+    def server_next(self) -> int:
+        """The sequence number (as the client sees it) the client last said it expects next."""
+        return self.offsets >> 112
 
     @property
     def seq_offset(self) -> int:
@@ -812,10 +830,12 @@ class Engine:
     def _sweep(self, now: float, out: list[Action]) -> None:
         """Expire idle established connections, a batch at a time.
 
-        The server gets a RST at the sequence number it last acknowledged, which it takes
-        exactly: without the proxy's state the connection cannot go on, and a server that
-        waits for its client (or a connection opened by a forged cookie, whose client does
-        not exist) would otherwise keep its socket until it writes to it."""
+        Without the proxy's state the connection cannot go on, so both ends get a RST at the
+        sequence number each last acknowledged, which each takes exactly (RFC 5961). The
+        server would otherwise keep its socket until it writes to it: one waiting for its
+        client, or opened by a forged cookie, whose client does not exist. The client would
+        learn only when it writes, and then after its retransmissions time out (15 minutes
+        for Linux): the proxy drops its segments, having no state for them."""
         if not self._sweep_keys:
             self._sweep_keys = list(self.conns)
         batch = self._sweep_keys[-self.SWEEP_BATCH :]
@@ -829,6 +849,7 @@ class Engine:
                 self.stats.closed["idle"] += 1
                 del self.conns[key]
                 out.append(_reset_server(key, conn.client_next))
+                out.append(_reset_client_at(key, conn.server_next))
         # A whole pass takes at most a tenth of the idle timeout (or a minute).
         passes = max(1, len(self.conns) // self.SWEEP_BATCH)
         self._sweep_at = now + (0.0 if self._sweep_keys else min(idle / 10, 60.0)) + min(1.0, 1.0 / passes)
@@ -1073,7 +1094,11 @@ class Engine:
                 self.stats.dropped["fin_out_of_window"] += 1
                 return [_FIN_OUT_OF_WINDOW]
         shape, offsets = conn.shape, conn.offsets
-        new_ack = (pkt.ack - offsets) & U32 if pkt.flags & ACK else None
+        new_ack = None
+        if pkt.flags & ACK:
+            new_ack = (pkt.ack - offsets) & U32
+            if 0 < (pkt.ack - (offsets >> 112)) & U32 < 0x80000000:  # later than the last: keep it
+                conn.offsets = offsets & _BELOW_SERVER_NEXT | pkt.ack << 112
         ts = pkt.options.ts
         window = pkt.window
         if shape.client_send_shift != shape.server_recv_shift:
@@ -1179,7 +1204,7 @@ class Engine:
         window = pkt.window
         shape, offsets = conn.shape, conn.offsets
         if flags & ACK:  # where the server now takes a client's RST (see _client_rst)
-            conn.offsets = offsets & _LOW64 | pkt.ack << 64 | window << 96
+            conn.offsets = offsets & _WITHOUT_SERVER_ACK | pkt.ack << 64 | window << 96
         if shape.server_send_shift != shape.client_recv_shift:
             window = rescale_window(window, shape.server_send_shift, shape.client_recv_shift)
         out = P.rewrite(
@@ -1244,7 +1269,8 @@ class Engine:
         ))
         self.conns[key] = conn = Conn(
             shape, pending.seen,
-            seq_offset | ts_offset << 32 | pkt.ack << 64 | (pkt.window >> server_send_shift) << 96,
+            seq_offset | ts_offset << 32 | pkt.ack << 64 | (pkt.window >> server_send_shift) << 96
+            | ((hs.cookie + 1) & U32) << 112,  # the client's ACK of the SYN-ACK
         )
         # A SYN-ACK answers only what the SYN offered: learn just those options.
         self.learn_profile(

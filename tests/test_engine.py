@@ -434,24 +434,50 @@ def test_idle_timeout_and_activity_extends_it() -> None:
     assert 500 + 640 < gone_at <= 500 + 640 + 2 * 10 + 64 + 1
 
 
-def test_idle_expiry_resets_the_server_at_what_it_last_acknowledged() -> None:
-    """Without the proxy's state the connection cannot go on; the server, which may be waiting for
-    its client (or for one a forged cookie made up), gets a RST it takes exactly. The client gets
-    nothing: the proxy does not know the sequence number it expects."""
+def test_idle_expiry_resets_both_ends_at_what_each_last_acknowledged() -> None:
+    """Without the proxy's state the connection cannot go on. The server, which may be waiting
+    for its client (or for one a forged cookie made up), and the client, which would learn only
+    after its retransmissions into the void time out, each get a RST at the sequence number it
+    last acknowledged, which each takes exactly; a reordered older ACK does not move it back."""
     eng, f = make_engine(idle_timeout=640.0), Flow(ts=True)
     synack, _, _ = handshake(eng, f)
     accepted(eng.handle(f.c(f.client_isn + 1, synack.seq + 1, ACK | PSH, payload=b"hello", ts=(10, synack.options.ts[0])),
                         C2S, T0 + 1))
-    accepted(eng.handle(f.s(f.server_isn + 1, f.client_isn + 6, ACK, ts=(20, 10)), S2C, T0 + 1))
+    world = accepted(eng.handle(f.s(f.server_isn + 1, f.client_isn + 6, ACK | PSH, payload=b"world!", ts=(20, 10)),
+                                S2C, T0 + 1))
+    assert world.seq == synack.seq + 1
+    accepted(eng.handle(f.c(f.client_isn + 6, synack.seq + 7, ACK, ts=(11, world.options.ts[0])), C2S, T0 + 1))
+    # "hello" again, overtaken by the ACK above: its older ACK number must not count
+    accepted(eng.handle(f.c(f.client_isn + 1, synack.seq + 1, ACK | PSH, payload=b"hello", ts=(10, synack.options.ts[0])),
+                        C2S, T0 + 1))
     out: list = []
     for t in range(2, 2000):
         out = eng.handle_timer(T0 + t)
         if not eng.conns:
             break
-    rst = one(out, "rst")
-    assert len(out) == 1 and rst.dst == f.server and rst.src == f.client
+    assert len(out) == 2
+    to_server = [P.parse(a.data) for a in sends(out, "rst") if a.dst == f.server]
+    to_client = [P.parse(a.data) for a in sends(out, "rst") if a.dst == f.client]
+    assert len(to_server) == len(to_client) == 1
+    rst = to_server[0]
+    assert rst.src == f.client
     assert (rst.sport, rst.dport, rst.seq, rst.ack, rst.flags) == (f.cport, 80, f.client_isn + 6, 0, RST)
+    rst = to_client[0]
+    assert rst.src == f.server
+    assert (rst.sport, rst.dport, rst.seq, rst.ack, rst.flags) == (80, f.cport, synack.seq + 7, 0, RST)
     assert eng.stats.closed["idle"] == 1 and eng.established == 0
+
+
+def test_idle_expiry_resets_a_client_that_never_sent_at_the_synack_it_acknowledged() -> None:
+    eng, f = make_engine(idle_timeout=640.0), Flow(ts=False)
+    synack, _, _ = handshake(eng, f)
+    out: list = []
+    for t in range(2, 2000):
+        out = eng.handle_timer(T0 + t)
+        if not eng.conns:
+            break
+    to_client = [P.parse(a.data) for a in sends(out, "rst") if a.dst == f.client]
+    assert [(p.seq, p.flags) for p in to_client] == [(synack.seq + 1, RST)]
 
 
 def test_new_connection_on_same_tuple_after_close() -> None:
