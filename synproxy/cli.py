@@ -390,7 +390,8 @@ def run(
     overload_backlog: int, **limits: Any,
 ) -> None:
     """Run the proxy until SIGTERM or Ctrl-C (rules installed at start, removed on a clean stop;
-    rules an operator installed with `rules install` stay).
+    rules an operator installed with `rules install` stay). A clean stop resets both ends of
+    every open connection: its state goes with the process.
 
     The rules go in once every worker has bound its queues; under systemd (Type=notify)
     the service is ready from then on.

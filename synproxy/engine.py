@@ -783,6 +783,24 @@ class Engine:
         self.retries.forget_old(now)
         return out
 
+    def reset_all(self) -> list[Action]:
+        """End every connection the proxy holds with a RST to each end, and forget it: what a
+        clean stop does. The state goes with the process, so none of them could go on; unreset,
+        each client would learn only when its next write timed out (about 15 minutes for
+        Linux), and each server when it wrote. Ends after a FIN both ways or a RST (lingering
+        for retransmissions) get none. Held segments get their drop verdicts (Release)."""
+        out: list[Action] = []
+        for key, conn in list(self.conns.items()):
+            if type(conn) is PendingConn:
+                out.append(_reset_server(key, conn.handshake.client_isn + 1))
+                out.extend(self._reset_client(key, conn, "shutdown"))
+                continue
+            if type(conn) is not ClosingConn:  # established, or asking the server about a RST
+                out.append(_reset_server(key, conn.client_next))
+                out.append(_reset_client_at(key, conn.server_next))
+            self._remove(key, conn, "shutdown")
+        return out
+
     def _keep_for_resend(self, synack: bytes, now: float) -> None:
         """Keep a SYN-ACK for its first resend, unless this second has seen more SYNs than a
         ring holds: a flood, whose SYN-ACKs would be overwritten before they are due anyway.

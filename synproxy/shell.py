@@ -21,7 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-from .engine import Drop, Engine, Hold, PassOn, Release, Send
+from .engine import Direction, Drop, Engine, Hold, PassOn, Release, Send
 from .nfqueue import MAX_COPY_RANGE, NfQueue, QueueConfig, QueueDepth
 from .rawsend import RawSender, SenderError
 
@@ -370,16 +370,34 @@ class Shell:
         """Packets left in the queues without a verdict for the engine (Hold)."""
         return len(self._held)
 
+    def _carry_out(self, actions: list[Any]) -> None:
+        """Send the packets and give the verdicts of actions that answer no queued packet
+        (a timer's, or the stop's)."""
+        for action in actions:
+            if isinstance(action, Send):
+                self.sender.send(action.family, action.dst, action.data, action.kind)
+            elif isinstance(action, Release):
+                self._release(action, None)
+        self.sender.flush()
+
+    def _reset_all(self) -> None:
+        """On a clean stop: a RST to both ends of every connection (Engine.reset_all), while
+        the queues are still bound for the verdicts of held segments."""
+        try:
+            actions = self.engine.reset_all()
+            self._carry_out(actions)
+        except Exception:  # the stop must go on
+            log.exception("resetting the connections on stop failed")
+            return
+        clients = sum(1 for a in actions if isinstance(a, Send) and a.to is Direction.FROM_SERVER)
+        if clients:
+            log.info("stopping: reset %d connections at both ends (their state goes with this process)", clients)
+
     def _service(self, now: float) -> None:
         """Run due timers and the once-a-second tick; note when to come back."""
         deadline = self.engine.next_deadline()
         if deadline is not None and deadline <= now:
-            for action in self.engine.handle_timer(now):
-                if isinstance(action, Send):
-                    self.sender.send(action.family, action.dst, action.data, action.kind)
-                elif isinstance(action, Release):
-                    self._release(action, None)
-            self.sender.flush()
+            self._carry_out(self.engine.handle_timer(now))
             deadline = self.engine.next_deadline()
         if now >= self._next_tick:
             self._next_tick = now + 1.0
@@ -488,6 +506,7 @@ class Shell:
             if on_bound is not None:
                 on_bound()
             self._serve(queues, depth)
+            self._reset_all()
         finally:
             if depth is not None:
                 depth.close()

@@ -1,9 +1,12 @@
-"""Idle connections end to end, on a shortened scale (--idle-timeout 6 s stands for the default
-7440 s; the 10-minute idle is an engine-level test): idle within the limit still delivers, idle
-beyond it is forgotten and counted, and both ends' sockets are reset at once."""
+"""Connections the proxy gives up, end to end. Idle ones, on a shortened scale (--idle-timeout 6 s
+stands for the default 7440 s; the 10-minute idle is an engine-level test): idle within the limit
+still delivers, idle beyond it is forgotten and counted, and both ends' sockets are reset at once.
+And every open one at a clean stop, whose state goes with the process: both ends reset at once."""
 
 from __future__ import annotations
 
+import subprocess
+import time
 
 import pytest
 
@@ -57,4 +60,24 @@ def test_idle_within_limit_delivers_and_beyond_is_forgotten() -> None:
         # A client that slept through it: its late bytes find no translation (and no socket).
         beyond = px.lab.run("client", [PYTHON, "-c", HOLD, px.server_addr(4), str(SINK_PORT), "10", "3"], timeout=30)
         assert beyond.stdout.strip() in ("TimeoutError", "ConnectionResetError", "BrokenPipeError"), beyond.stdout
+        assert px.client("chunks", px.server_addr(4), str(SINK_PORT), "--chunks", "3,5")["ok"]
+
+
+def test_a_clean_stop_resets_open_connections_at_both_ends() -> None:
+    with proxied("local", start=False) as px:
+        px.start_proxy()
+        resets = px.snmp("server")["EstabResets"], px.snmp("client")["EstabResets"]
+        waiting = px.lab.popen("client", [PYTHON, "-c", WAIT, px.server_addr(4), str(SINK_PORT), "30"],
+                               stdout=subprocess.PIPE, text=True)
+        time.sleep(2)  # connected, its bytes delivered, waiting for an answer
+        assert px.stop_proxy() == 0
+        out, _ = waiting.communicate(timeout=40)
+        how, after = out.split()
+        # Reset when the proxy stopped, not left to time out (here at 30 s; a write, after minutes).
+        assert how == "ConnectionResetError", out
+        assert float(after) < 5, out  # about 2 s of waiting, then the stop (within its poll's 1 s)
+        assert px.snmp("server")["EstabResets"] - resets[0] == 1
+        assert px.snmp("client")["EstabResets"] - resets[1] == 1
+        assert "reset 1 connections at both ends" in px.log()
+        px.start_proxy()  # and new connections work at once
         assert px.client("chunks", px.server_addr(4), str(SINK_PORT), "--chunks", "3,5")["ok"]

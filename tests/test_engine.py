@@ -480,6 +480,35 @@ def test_idle_expiry_resets_a_client_that_never_sent_at_the_synack_it_acknowledg
     assert [(p.seq, p.flags) for p in to_client] == [(synack.seq + 1, RST)]
 
 
+def test_a_clean_stop_resets_both_ends_of_every_connection() -> None:
+    """The state goes with the process: each end of an established connection gets a RST at the
+    number it last acknowledged, a pending one's client and server theirs (and its held data a
+    drop verdict), a closing one nothing; the engine is left empty."""
+    eng = make_engine()
+    est, pend, closing = Flow(ts=True), Flow(cport=40001, ts=False), Flow(cport=40002, ts=False)
+    synack, _, _ = handshake(eng, est)
+    world = accepted(eng.handle(est.s(est.server_isn + 1, est.client_isn + 1, ACK | PSH, payload=b"hi", ts=(20, 10)),
+                                S2C, T0 + 1))
+    accepted(eng.handle(est.c(est.client_isn + 1, world.seq + 2, ACK, ts=(11, world.options.ts[0])), C2S, T0 + 1))
+    out = eng.handle(pend.syn(), C2S, T0)
+    p_synack = one(out, "synack")
+    out = eng.handle(pend.c(pend.client_isn + 1, p_synack.seq + 1, ACK | PSH, payload=b"held"), C2S, T0)
+    assert any(isinstance(a, Send) and a.kind == "syn" for a in out)
+    c_synack, _, _ = handshake(eng, closing)
+    eng.handle(closing.c(closing.client_isn + 1, c_synack.seq + 1, RST), C2S, T0 + 1)
+    assert eng.conns[conn_key(4, closing.client, closing.server, closing.cport, 80)].state is State.CLOSING
+    out = eng.reset_all()
+    rsts = [(a.dst, P.parse(a.data)) for a in sends(out, "rst")]
+    got = sorted((dst == est.server, p.sport if dst == est.server else p.dport, p.seq, p.flags) for dst, p in rsts)
+    assert got == sorted([
+        (True, est.cport, est.client_isn + 1, RST), (False, est.cport, world.seq + 2, RST),
+        (True, pend.cport, pend.client_isn + 1, RST), (False, pend.cport, p_synack.seq + 1, RST | ACK),
+    ])
+    assert [a.verdict for a in out if isinstance(a, Release)] == [Drop("held_discarded")]
+    assert eng.conns == {} and eng.established == 0 and eng.limits.pending == 0
+    assert eng.reset_all() == []
+
+
 def test_new_connection_on_same_tuple_after_close() -> None:
     eng, f = make_engine(), Flow(ts=False)
     synack, _, _ = handshake(eng, f)
