@@ -280,12 +280,13 @@ def _reset_server(key: ConnKey, seq: int) -> Send:
     return Send(family, server, rst, Direction.FROM_CLIENT, "rst")
 
 
-def _reset_client_at(key: ConnKey, seq: int) -> Send:
-    """A RST from the server of `key` to its client at `seq` (ack none): what ends the client's
-    socket when the proxy gives an established connection up."""
+def _reset_both_ends(key: ConnKey, conn: Conn) -> list[Action]:
+    """RSTs to both ends of an established connection the proxy gives up, each at the sequence
+    number it last acknowledged (which each takes exactly, RFC 5961): the server's from its
+    latest ACK, the client's from the client's latest ACK (ack none in both)."""
     family, client, cport, server, sport = split_key(key)
-    rst = P.build(family, server, client, sport, cport, seq & U32, 0, RST, 0)
-    return Send(family, client, rst, Direction.FROM_SERVER, "rst")
+    to_client = P.build(family, server, client, sport, cport, conn.server_next, 0, RST, 0)
+    return [_reset_server(key, conn.client_next), Send(family, client, to_client, Direction.FROM_SERVER, "rst")]
 
 
 @dataclass(slots=True)
@@ -796,8 +797,7 @@ class Engine:
                 out.extend(self._reset_client(key, conn, "shutdown"))
                 continue
             if type(conn) is not ClosingConn:  # established, or asking the server about a RST
-                out.append(_reset_server(key, conn.client_next))
-                out.append(_reset_client_at(key, conn.server_next))
+                out.extend(_reset_both_ends(key, conn))
             self._remove(key, conn, "shutdown")
         return out
 
@@ -866,8 +866,7 @@ class Engine:
                 self.limits.closed(self._source(key), was_pending=False)
                 self.stats.closed["idle"] += 1
                 del self.conns[key]
-                out.append(_reset_server(key, conn.client_next))
-                out.append(_reset_client_at(key, conn.server_next))
+                out.extend(_reset_both_ends(key, conn))
         # A whole pass takes at most a tenth of the idle timeout (or a minute).
         passes = max(1, len(self.conns) // self.SWEEP_BATCH)
         self._sweep_at = now + (0.0 if self._sweep_keys else min(idle / 10, 60.0)) + min(1.0, 1.0 / passes)
@@ -1115,7 +1114,7 @@ class Engine:
         new_ack = None
         if pkt.flags & ACK:
             new_ack = (pkt.ack - offsets) & U32
-            if 0 < (pkt.ack - (offsets >> 112)) & U32 < 0x80000000:  # later than the last: keep it
+            if seq_after(pkt.ack, offsets >> 112):  # later than the client's last ACK (server_next): keep it
                 conn.offsets = offsets & _BELOW_SERVER_NEXT | pkt.ack << 112
         ts = pkt.options.ts
         window = pkt.window
