@@ -148,3 +148,19 @@ def test_addr_takes_either_family_spelling(lab: Lab) -> None:
     assert lab.addr("server", 6) == lab.addr("server", socket.AF_INET6) == "fd53:5059::1"
     with pytest.raises(LabError):
         lab.addr("server", 5)
+
+
+def _rps_masks(lab: Lab, host: str) -> dict[str, int]:
+    out = lab.run(host, ["sh", "-c", "grep -H . /sys/class/net/*/queues/rx-*/rps_cpus"]).stdout
+    return {line.split("/")[4]: int(line.rsplit(":", 1)[1].replace(",", ""), 16) for line in out.splitlines()}
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_keep_flow_order_steers_every_interface_over_all_cpus(make_lab: Callable[..., Lab], keep: bool) -> None:
+    """With keep_flow_order every receive queue of every host has RPS over all CPUs; without, none."""
+    lab = make_lab(mode="gateway", keep_flow_order=keep)
+    every_cpu = (1 << (os.cpu_count() or 1)) - 1
+    for host in lab.hosts:
+        masks = _rps_masks(lab, host)
+        assert "lo" in masks and len(masks) >= 2, masks
+        assert set(masks.values()) == {every_cpu if keep else 0}, (host, masks)
