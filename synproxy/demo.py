@@ -121,7 +121,8 @@ class Demo:
         result = Phase(name)
         before = self._answered(metrics_url)
         interval = "u1" if self.rate <= 0 else f"u{max(1, 1_000_000 // self.rate)}"
-        shown = "as fast as hping3 can" if self.rate <= 0 else f"paced for {self.rate:,} SYN/s"
+        shown = ("as fast as hping3 can" if self.rate <= 0
+                 else f"paced for {self.rate:,} SYN/s (hping3 sends fewer: the table counts them)")
         self.echo(f"[{name}] the attacker floods the server with spoofed SYNs {shown} for {self.seconds:.0f} s; "
                   "the client connects every 100 ms (3 s timeout each)")
         sent0 = self._sent(lab)
