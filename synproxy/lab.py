@@ -192,9 +192,10 @@ class Lab:
         the one that took the ACK) can swap places when one backlog waits, which a real wire and
         a NIC's RSS never do. Captured at the lab server's interface and at the router's (no proxy
         between), the TCP timestamps of 20 MB downloads went back by 1-2 ms one to three times in
-        every batch of 30 (6 of 6 batches); an end drops a segment whose timestamp is over 1 ms
-        older than one before it (TcpExtPAWSEstab). RPS queues each flow to one CPU chosen by its
-        hash, in the order it was sent: none in 180 downloads.
+        5 of 6 batches of 30 (in the sixth, once past the router's interface, on its way into the
+        proxy's queue); an end drops a segment whose timestamp is over 1 ms older than one before
+        it (TcpExtPAWSEstab). RPS queues each flow to one CPU chosen by its hash, in the order it
+        was sent: none in 180 downloads.
         Off by default: it moves work between CPUs, and the benchmarks were measured without it.
         """
         words: list[str] = []  # the kernel's bitmap format: 32-bit hex words, comma-separated

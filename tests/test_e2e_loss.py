@@ -16,8 +16,9 @@ now held data passes by verdict, see docs/design.md).
 The lab's wires must then keep a flow's order, as real ones do: a veth does not when one flow's
 packets leave from two CPUs (Lab._steer_flows). CI once failed here with 24 segments of a gateway
 download dropped by the client for old timestamps. Captures on each interface then showed
-timestamps going back by 1-2 ms between the server's interface and the router's, before the proxy
-saw them, in each of 6 batches of 30 downloads, and in none of 180 with RPS on (keep_flow_order).
+timestamps going back by 1-2 ms before the proxy had the packets (between the server's interface
+and the router's in 5 of 6 batches of 30 downloads, past the router's in the sixth), and in none
+of 180 with RPS on (keep_flow_order).
 
 A duplicate-SACK block the sender ignores as older than its current recovery
 (TcpExtTCPDSACKIgnoredOld) is not such a sign: every SACK block of a connection is translated by
