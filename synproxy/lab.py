@@ -198,14 +198,8 @@ class Lab:
         was sent: none in 180 downloads.
         Off by default: it moves work between CPUs, and the benchmarks were measured without it.
         """
-        words: list[str] = []  # the kernel's bitmap format: 32-bit hex words, comma-separated
-        mask = (1 << (os.cpu_count() or 1)) - 1  # every CPU
-        while True:
-            words.append(f"{mask & 0xFFFFFFFF:08x}")
-            mask >>= 32
-            if not mask:
-                break
-        self.run(host, ["sh", "-c", f"for f in /sys/class/net/*/queues/rx-*/rps_cpus; do echo {','.join(reversed(words))} > $f; done"])
+        mask = cpu_mask(os.cpu_count() or 1)
+        self.run(host, ["sh", "-c", f"for f in /sys/class/net/*/queues/rx-*/rps_cpus; do echo {mask} > $f; done"])
 
     def _link_host(self) -> None:
         """Reach the proxy's namespace from the host over a /30 of 198.19.100-249.0/24
@@ -281,6 +275,13 @@ class Lab:
         """Run Python source in a host (`sys.argv[1:]` = args) with this interpreter,
         so the venv's packages (synproxy, scapy) are importable there too."""
         return self.run(host, [sys.executable, "-c", code, *args], check=check, timeout=timeout, **kw)
+
+
+def cpu_mask(cpus: int) -> str:
+    """CPUs 0..cpus-1 in the kernel's bitmap format (rps_cpus): hex in comma-separated 32-bit words."""
+    digits = f"{(1 << cpus) - 1:x}"
+    digits = digits.zfill(-(-len(digits) // 8) * 8)
+    return ",".join(digits[i:i + 8] for i in range(0, len(digits), 8))
 
 
 def _stop(proc: subprocess.Popen[Any]) -> None:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import pytest
 
 from synproxy import lab as labmod
-from synproxy.lab import Lab, LabError, cleanup_stale
+from synproxy.lab import Lab, LabError, cleanup_stale, cpu_mask
 
 pytestmark = pytest.mark.e2e
 PY = sys.executable
@@ -164,3 +164,12 @@ def test_keep_flow_order_steers_every_interface_over_all_cpus(make_lab: Callable
         masks = _rps_masks(lab, host)
         assert "lo" in masks and len(masks) >= 2, masks
         assert set(masks.values()) == {every_cpu if keep else 0}, (host, masks)
+
+
+def test_cpu_mask_is_the_kernels_bitmap_format() -> None:
+    """32-bit hex words, comma-separated, most significant first (so more than 32 CPUs work)."""
+    assert cpu_mask(1) == "00000001"
+    assert cpu_mask(2) == "00000003"
+    assert cpu_mask(32) == "ffffffff"
+    assert cpu_mask(33) == "00000001,ffffffff"
+    assert cpu_mask(64) == "ffffffff,ffffffff"
