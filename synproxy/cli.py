@@ -602,7 +602,8 @@ def rules_show(ports: tuple[int, ...], queue: int, queues: int, mode: str, serve
               help="Length of each flood (unprotected, then protected).")
 @click.option("--short", is_flag=True, help="A 4-second run of each phase (used by the tests).")
 @click.option("--rate", type=click.IntRange(0), default=20000, show_default=True,
-              help="Flood rate in SYN/s; 0 = as fast as hping3 can (more than one Python worker handles).")
+              help="SYN/s hping3's flood is paced for (it sends fewer, about half here: the summary counts "
+                   "them); 0 = as fast as hping3 can (more than one Python worker handles).")
 @click.option("--hold", is_flag=True, help="Keep the lab up after the summary, until Ctrl-C.")
 def demo(seconds: float, short: bool, rate: int, hold: bool) -> None:
     """Flood a legacy server in a built-in lab, unprotected and then behind synproxy."""
