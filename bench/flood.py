@@ -20,6 +20,9 @@ Defences: unprotected (SYN cookies off, backlog 128), kernel syncookies (on, bac
 kernel SYNPROXY (iptables SYNPROXY target), synproxy with 1 and 2 workers.
 --ack-flood adds a second hping3 at the same pace from a third host: bare ACKs with random
 numbers (bogus cookies) from random sources, which the proxy must read and check one by one.
+--client-lane (an experiment, not a feature) sends the legitimate client's SYNs to synproxy's
+traffic queue instead of the SYN queue, as a priority lane for known sources would: none of them
+is shed, so what remains of p99 is the wait in the queues (see docs/results.md).
 Timings are noisy on shared machines: compare rows of the same run, not runs.
 """
 
@@ -115,6 +118,15 @@ def _pids(lab: Lab) -> list[int]:
     return sorted(mine & set(map(int, out)))
 
 
+def client_lane(lab: Lab) -> None:
+    """--client-lane: the legitimate client's SYNs to the traffic queue (0), just ahead of the
+    rule that sends SYNs to their own queue."""
+    rules = lab.run("server", ["iptables", "-t", "raw", "-S", "SYNPROXY_PY_PRE"]).stdout.splitlines()[1:]
+    at = next(i for i, rule in enumerate(rules, 1) if "--queue-num 1" in rule)
+    lab.run("server", ["iptables", "-t", "raw", "-I", "SYNPROXY_PY_PRE", str(at), "-s", lab.addr("client"),
+                       "-p", "tcp", "--syn", "--dport", str(PORT), "-j", "NFQUEUE", "--queue-num", "0"])
+
+
 def setup(lab: Lab, defence: str, tmp: str) -> subprocess.Popen[bytes] | None:
     """Configure the server namespace for one defence; returns the synproxy process if any."""
     for key, value in (("net.ipv4.tcp_max_syn_backlog", "128"), ("net.core.somaxconn", "128"),
@@ -147,12 +159,14 @@ def setup(lab: Lab, defence: str, tmp: str) -> subprocess.Popen[bytes] | None:
     return None
 
 
-def measure(defence: str, rate: str, seconds: float, ack_flood: bool = False) -> Row:
+def measure(defence: str, rate: str, seconds: float, ack_flood: bool = False, lane: bool = False) -> Row:
     row = Row(defence, rate)
     with Lab(mode="local", clients=3) as lab, tempfile.TemporaryDirectory() as tmp:
         lab.popen("server", [PY, "-m", "synproxy.peers", "server", "--port", str(PORT)])
         time.sleep(0.5)
         setup(lab, defence, tmp)
+        if lane and defence.startswith("synproxy"):
+            client_lane(lab)
         _add_counters(lab)  # first in their chains, after any rules the defence installed
         pids = _pids(lab)
         url = f"http://{lab.addr('server')}:{PORT}/"
@@ -211,6 +225,8 @@ def main() -> None:
     ap.add_argument("--defences", default="unprotected,kernel syncookies,kernel SYNPROXY,synproxy 1,synproxy 2")
     ap.add_argument("--ack-flood", action="store_true",
                     help="also flood bare ACKs with bogus cookies at the same pace, from another host")
+    ap.add_argument("--client-lane", action="store_true",
+                    help="experiment: the legitimate client's SYNs skip synproxy's SYN queue (its traffic queue)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench/flood.py builds network namespaces: run it as root")
@@ -218,7 +234,7 @@ def main() -> None:
     for rate in args.rates.split(","):
         for defence in args.defences.split(","):
             print(f"  {defence} at {rate} SYN/s{' and ACK/s' if args.ack_flood else ''} ...", file=sys.stderr, flush=True)
-            rows.append(measure(defence, rate, args.seconds, args.ack_flood))
+            rows.append(measure(defence, rate, args.seconds, args.ack_flood, args.client_lane))
     print(table(rows))
     print("\n(synproxy N = N worker processes; CPU: synproxy processes, or softirq for kernel defences; "
           "the flood generator runs on the same 2-core machine)")
