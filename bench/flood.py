@@ -119,10 +119,11 @@ def _pids(lab: Lab) -> list[int]:
 
 
 def client_lane(lab: Lab) -> None:
-    """--client-lane: the legitimate client's SYNs to the traffic queue (0), just ahead of the
-    rule that sends SYNs to their own queue."""
+    """--client-lane: the legitimate client's SYNs to the first traffic queue (0), just ahead of
+    the rule that sends SYNs to their own queue (or queues: --queue-balance with 2 workers). A
+    worker answers any SYN statelessly, so the one that reads it need not be the connection's."""
     rules = lab.run("server", ["iptables", "-t", "raw", "-S", "SYNPROXY_PY_PRE"]).stdout.splitlines()[1:]
-    at = next(i for i, rule in enumerate(rules, 1) if "--queue-num 1" in rule)
+    at = next(i for i, rule in enumerate(rules, 1) if "--tcp-flags FIN,SYN,RST,ACK SYN" in rule and "NFQUEUE" in rule)
     lab.run("server", ["iptables", "-t", "raw", "-I", "SYNPROXY_PY_PRE", str(at), "-s", lab.addr("client"),
                        "-p", "tcp", "--syn", "--dport", str(PORT), "-j", "NFQUEUE", "--queue-num", "0"])
 
